@@ -1,0 +1,342 @@
+r"""Solvers of the probability-flow ODE, time grids, and Tweedie's denoiser.
+
+The probability-flow ODE of an SDE with kernel :math:`\mathcal N(\alpha_t x_0, \sigma_t^2 I)`
+(Song et al. 2021, eq. 13) is
+
+.. math::  \frac{dx}{dt} = f(x, t) - \tfrac12 g(t)^2\, s(x, t).
+
+With the data prediction (Tweedie's formula)
+:math:`\hat x_0(x, t) = (x + \sigma_t^2 s(x, t))/\alpha_t`, the half log-SNR
+:math:`\lambda_t = \log(\alpha_t/\sigma_t)` (``sde.log_snr``) and Karras et al.'s (2022)
+scaled variables :math:`\tilde x = x/\alpha_t`, :math:`\tilde\sigma = \sigma_t/\alpha_t
+= e^{-\lambda_t}`, the same ODE reads
+
+.. math::  \frac{d\tilde x}{d\tilde\sigma} = \frac{\tilde x - \hat x_0}{\tilde\sigma},
+   \qquad\text{solved exactly by}\qquad
+   x_t = \frac{\sigma_t}{\sigma_s} x_s + \sigma_t \int_{\lambda_s}^{\lambda_t}
+   e^{\lambda}\,\hat x_0(x_\lambda, \lambda)\,d\lambda
+
+(Lu et al. 2022, DPM-Solver++ eq. 9). The fixed-step solvers are steps
+``(sde, score_fn, x, t, t_next, history) -> (x, history)`` looped by ``lax.scan`` over a
+time grid (``TIME_GRIDS``; each has a default, chosen on the mixture benchmark):
+
+- ``euler``: Euler in :math:`t` on :math:`dx/dt`; order 1, 1 evaluation per step,
+  uniform-:math:`t` grid.
+- ``ddim``: DDIM with :math:`\eta = 0` (Song et al. 2021a), which is Euler in
+  :math:`(\tilde x, \tilde\sigma)` and DPM-Solver++(1); order 1, 1 evaluation, uniform
+  log-SNR grid.
+- ``heun``: Heun in :math:`(\tilde x, \tilde\sigma)` (Karras et al. 2022, Algorithm 1);
+  order 2, 2 evaluations, uniform log-SNR grid.
+- ``dpm_solver_2``, ``dpm_solver_3``: multistep DPM-Solver++(2M) and (3M) (Lu et al.
+  2022); order 2 and 3, 1 evaluation, uniform log-SNR grid.
+
+``adaptive`` is Dopri5 (order 5(4), first-same-as-last, 6 evaluations per attempted step;
+``solve_ivp``'s RK45) with a PID step-size controller, from diffrax, on device; the same
+integrator solves the likelihood ODE (``likelihood.py``). All work for VP, sub-VP and VE: they only use
+:math:`\alpha_t`, :math:`\sigma_t` and :math:`\lambda_t`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import diffrax
+import jax
+import jax.numpy as jnp
+
+from diffusion_sde.sde import SDE, ScoreFn
+
+KARRAS_RHO = 7.0
+
+
+# --- Time grids: (sde, num_steps, eps) -> (num_steps + 1,) times from T down to eps -------
+
+
+def _grid_from_log_snr(sde: SDE, log_snrs: jax.Array, eps: float) -> jax.Array:
+    ts = sde.t_from_log_snr(log_snrs)
+    return ts.at[0].set(sde.T).at[-1].set(eps)  # Exact end points despite round-off.
+
+
+def uniform_t_grid(sde: SDE, num_steps: int, eps: float) -> jax.Array:
+    """:math:`t_i = T - i (T - \\epsilon)/n`."""
+    return jnp.linspace(sde.T, eps, num_steps + 1)
+
+
+def uniform_log_snr_grid(sde: SDE, num_steps: int, eps: float) -> jax.Array:
+    r""":math:`\lambda_{t_i}` uniform from :math:`\lambda_T` to :math:`\lambda_\epsilon`
+    (Lu et al. 2022)."""
+    log_snr_T, log_snr_eps = sde.log_snr(jnp.array([sde.T, eps]))
+    return _grid_from_log_snr(sde, jnp.linspace(log_snr_T, log_snr_eps, num_steps + 1), eps)
+
+
+def karras_grid(sde: SDE, num_steps: int, eps: float, rho: float = KARRAS_RHO) -> jax.Array:
+    r""":math:`\tilde\sigma_i^{1/\rho}` uniform from :math:`\tilde\sigma_T^{1/\rho}` to
+    :math:`\tilde\sigma_\epsilon^{1/\rho}`, :math:`\tilde\sigma = \sigma_t/\alpha_t`
+    (Karras et al. 2022, eq. 5)."""
+    sigma_T, sigma_eps = jnp.exp(-sde.log_snr(jnp.array([sde.T, eps])))
+    ramp = jnp.linspace(0.0, 1.0, num_steps + 1)
+    sigmas = (sigma_T ** (1 / rho) + ramp * (sigma_eps ** (1 / rho) - sigma_T ** (1 / rho))) ** rho
+    return _grid_from_log_snr(sde, -jnp.log(sigmas), eps)
+
+
+TIME_GRIDS: dict[str, Callable[[SDE, int, float], jax.Array]] = {
+    "uniform_t": uniform_t_grid,
+    "uniform_log_snr": uniform_log_snr_grid,
+    "karras": karras_grid,
+}
+
+
+def time_grid(sde: SDE, name: str, num_steps: int, eps: float) -> jax.Array:
+    """The grid ``name`` of ``TIME_GRIDS``: ``num_steps + 1`` times from ``T`` down to ``eps``."""
+    if name not in TIME_GRIDS:
+        raise ValueError(f"Unknown time grid {name!r}; valid: {sorted(TIME_GRIDS)}")
+    return TIME_GRIDS[name](sde, num_steps, eps)
+
+
+# --- The ODE in its three forms ----------------------------------------------------------
+
+
+def _batch_time(t: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.full(x.shape[:1], t, x.dtype)
+
+
+def probability_flow_drift(sde: SDE, score_fn: ScoreFn, x: jax.Array, t: jax.Array) -> jax.Array:
+    r""":math:`f(x, t) - \tfrac12 g(t)^2 s(x, t)` at a scalar time ``t``."""
+    return sde.reverse(score_fn, probability_flow=True).sde(x, _batch_time(t, x))[0]
+
+
+def data_prediction(sde: SDE, score_fn: ScoreFn, x: jax.Array, t: jax.Array) -> jax.Array:
+    r"""Tweedie's :math:`\hat x_0 = \mathbb E[x_0 \mid x_t = x] = (x + \sigma_t^2 s(x, t))/\alpha_t`
+    at a scalar time ``t``."""
+    alpha, sigma = sde.marginal_coeffs(t)
+    return (x + sigma**2 * score_fn(x, _batch_time(t, x))) / alpha
+
+
+def tweedie_denoise(sde: SDE, score_fn: ScoreFn, x: jax.Array, eps: float) -> jax.Array:
+    """The noise-free estimate ``data_prediction`` at the final time ``eps`` (one evaluation)."""
+    return data_prediction(sde, score_fn, x, jnp.asarray(eps, x.dtype))
+
+
+# --- Fixed-step solvers: (sde, score_fn, x, t, t_next, history) -> (x, history) ----------
+
+
+def euler_step(sde, score_fn, x, t, t_next, history):
+    r""":math:`x' = x + (t' - t)\,[f(x, t) - \tfrac12 g(t)^2 s(x, t)]`."""
+    return x + (t_next - t) * probability_flow_drift(sde, score_fn, x, t), history
+
+
+def ddim_step(sde, score_fn, x, t, t_next, history):
+    r"""DDIM with :math:`\eta = 0` (Song et al. 2021a, eq. 12):
+    :math:`x' = \alpha_{t'} \hat x_0 + \sigma_{t'} \hat\epsilon`, with
+    :math:`\hat\epsilon = (x - \alpha_t \hat x_0)/\sigma_t`."""
+    alpha, sigma = sde.marginal_coeffs(t)
+    alpha_next, sigma_next = sde.marginal_coeffs(t_next)
+    x0 = data_prediction(sde, score_fn, x, t)
+    return alpha_next * x0 + sigma_next * (x - alpha * x0) / sigma, history
+
+
+def heun_step(sde, score_fn, x, t, t_next, history):
+    r"""Heun's method on :math:`d\tilde x/d\tilde\sigma = (\tilde x - \hat x_0)/\tilde\sigma`
+    (Karras et al. 2022, Algorithm 1, lines 5--8)."""
+    alpha, sigma = sde.marginal_coeffs(t)
+    alpha_next, sigma_next = sde.marginal_coeffs(t_next)
+    sigma_tilde, sigma_tilde_next = sigma / alpha, sigma_next / alpha_next
+    x_tilde = x / alpha
+    d = (x_tilde - data_prediction(sde, score_fn, x, t)) / sigma_tilde
+    x_tilde_euler = x_tilde + (sigma_tilde_next - sigma_tilde) * d
+    x0_next = data_prediction(sde, score_fn, alpha_next * x_tilde_euler, t_next)
+    d_next = (x_tilde_euler - x0_next) / sigma_tilde_next
+    return alpha_next * (x_tilde + (sigma_tilde_next - sigma_tilde) * 0.5 * (d + d_next)), history
+
+
+def dpm_solver_step(sde, score_fn, x, t, t_next, history, *, order):
+    r"""Multistep DPM-Solver++ of order ``order`` (Lu et al. 2022, Algorithm 2, extended).
+
+    Taylor-expanding :math:`\hat x_0` in :math:`\lambda` about :math:`\lambda_t` in the exact
+    solution, with :math:`h = \lambda_{t'} - \lambda_t`,
+
+    .. math::  x_{t'} = \frac{\sigma_{t'}}{\sigma_t} x_t
+       - \alpha_{t'}\varphi_1 \hat x_0 + \alpha_{t'}\varphi_2\, h\hat x_0'
+       - \alpha_{t'}\varphi_3\, h^2 \hat x_0'',
+
+    :math:`\varphi_1 = e^{-h} - 1`, :math:`\varphi_2 = \varphi_1/h + 1`,
+    :math:`\varphi_3 = \varphi_2/h - 1/2`. The derivatives come from divided differences of
+    the data predictions at the previous one or two grid points (``history``); the first
+    steps use the lower orders that the history allows.
+    """
+    x0_prev, log_snr_prev, count = history
+    alpha_next, sigma_next = sde.marginal_coeffs(t_next)
+    _, sigma = sde.marginal_coeffs(t)
+    log_snr, log_snr_next = sde.log_snr(t), sde.log_snr(t_next)
+    x0 = data_prediction(sde, score_fn, x, t)
+
+    h = log_snr_next - log_snr
+    # Past points at lambda - r0 h and lambda - (r0 + r1) h; guarded before they exist.
+    r0 = jnp.where(count >= 1, (log_snr - log_snr_prev[0]) / h, 1.0)
+    r1 = jnp.where(count >= 2, (log_snr_prev[0] - log_snr_prev[1]) / h, 1.0)
+    d1_0 = (x0 - x0_prev[0]) / r0  # ~ h x0'(lambda - r0 h / 2)
+    d1_1 = (x0_prev[0] - x0_prev[1]) / r1
+    d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 x0''
+    effective_order = jnp.minimum(order, count + 1)
+    h_x0_prime = jnp.where(effective_order >= 3, d1_0 + 0.5 * r0 * d2, d1_0)
+    h_x0_prime = jnp.where(effective_order >= 2, h_x0_prime, 0.0)
+    h2_x0_second = jnp.where(effective_order >= 3, d2, 0.0)
+
+    phi_1 = jnp.expm1(-h)
+    phi_2 = phi_1 / h + 1.0
+    phi_3 = phi_2 / h - 0.5
+    x_next = (
+        (sigma_next / sigma) * x
+        - alpha_next * phi_1 * x0
+        + alpha_next * phi_2 * h_x0_prime
+        - alpha_next * phi_3 * h2_x0_second
+    )
+    history = (
+        jnp.stack([x0, x0_prev[0]]),
+        jnp.stack([log_snr, log_snr_prev[0]]),
+        count + 1,
+    )
+    return x_next, history
+
+
+def _no_history(x: jax.Array):
+    return ()
+
+
+def _dpm_history(x: jax.Array):
+    """Data predictions and log-SNRs at the last two grid points, and how many exist."""
+    return jnp.zeros((2,) + x.shape, x.dtype), jnp.zeros((2,), x.dtype), jnp.zeros((), jnp.int32)
+
+
+# name -> (step, initial history, evaluations per step, default time grid)
+FIXED_STEP_SOLVERS: dict[str, tuple[Callable, Callable, int, str]] = {
+    "euler": (euler_step, _no_history, 1, "uniform_t"),
+    "ddim": (ddim_step, _no_history, 1, "uniform_log_snr"),
+    "heun": (heun_step, _no_history, 2, "uniform_log_snr"),
+    "dpm_solver_2": (
+        functools.partial(dpm_solver_step, order=2),
+        _dpm_history,
+        1,
+        "uniform_log_snr",
+    ),
+    "dpm_solver_3": (
+        functools.partial(dpm_solver_step, order=3),
+        _dpm_history,
+        1,
+        "uniform_log_snr",
+    ),
+}
+METHODS: tuple[str, ...] = ("adaptive", *FIXED_STEP_SOLVERS)
+
+
+def check_method(method: str, grid: str | None = None) -> None:
+    """Raise a ``ValueError`` listing the valid names if ``method`` or ``grid`` is unknown."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown ODE method {method!r}; valid: {sorted(METHODS)}")
+    if grid is not None and grid not in TIME_GRIDS:
+        raise ValueError(f"Unknown time grid {grid!r}; valid: {sorted(TIME_GRIDS)}")
+
+
+def fixed_step_nfe(method: str, num_steps: int) -> int:
+    """Score evaluations of ``num_steps`` steps of a fixed-step method."""
+    return FIXED_STEP_SOLVERS[method][2] * num_steps
+
+
+def solve_fixed_step(
+    method: str,
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: jax.Array,
+    num_steps: int,
+    eps: float,
+    grid: str | None = None,
+) -> jax.Array:
+    """Integrate the probability-flow ODE from ``x`` at ``T`` to ``eps`` in ``num_steps``
+    steps of ``method`` on the time grid ``grid`` (``None``: the method's default)."""
+    step, init_history, _, default_grid = FIXED_STEP_SOLVERS[method]
+    ts = time_grid(sde, grid or default_grid, num_steps, eps)
+
+    def body(carry, times):
+        x, history = carry
+        return step(sde, score_fn, x, *times, history), None
+
+    (x, _), _ = jax.lax.scan(body, (x, init_history(x)), (ts[:-1], ts[1:]))
+    return x
+
+
+# --- Adaptive ----------------------------------------------------------------------------
+
+
+def _rms_norm(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in leaves) / sum(leaf.size for leaf in leaves))
+
+
+def _initial_step(vector_field, t0, t1, state0, f0, rtol, atol, error_order: int):
+    """Hairer, Norsett & Wanner (1993, sec. II.4)'s first step, as ``solve_ivp`` picks it
+    (both trial steps clamped to the interval), signed towards ``t1``. Costs one evaluation,
+    at ``t0 + h0``: ``f0`` is given."""
+    direction, length = jnp.sign(t1 - t0), jnp.abs(t1 - t0)
+    scale = jax.tree.map(lambda y: atol + rtol * jnp.abs(y), state0)
+    scaled = lambda tree: _rms_norm(jax.tree.map(jnp.divide, tree, scale))
+    d0, d1 = scaled(state0), scaled(f0)
+    h0 = jnp.minimum(jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1), length)
+    state1 = jax.tree.map(lambda y, f: y + direction * h0 * f, state0, f0)
+    f1 = vector_field(t0 + direction * h0, state1, None)
+    d2 = scaled(jax.tree.map(jnp.subtract, f1, f0)) / h0
+    largest = jnp.maximum(d1, d2)
+    h1 = jnp.where(
+        largest <= 1e-15, jnp.maximum(1e-6, h0 * 1e-3), (0.01 / largest) ** (1 / (error_order + 1))
+    )
+    return direction * jnp.minimum(jnp.minimum(100 * h0, h1), length)
+
+
+def integrate_adaptive(vector_field, state0, t0, t1, rtol, atol, max_steps: int = 4096):
+    """Dopri5 with a PID controller from ``t0`` to ``t1`` (either direction), on device.
+
+    Returns ``(state1, nfe)`` with ``nfe`` the exact number of ``vector_field`` calls:
+    ``2 + 6 * attempted steps``, the same accounting as ``solve_ivp``'s RK45. To make it
+    exact we evaluate the first stage ourselves and hand it to the solver as its
+    first-same-as-last value, and pick the first step ourselves. Left alone, diffrax
+    re-evaluates the first stage on every attempt until a step is accepted (which its
+    statistics cannot tell apart) and, for the wrapped term ``diffeqsolve`` builds, skips
+    its initial step-size selection for a fixed ``dt0 = 0.01``.
+    """
+    term, solver = diffrax.ODETerm(vector_field), diffrax.Dopri5()
+    f0 = vector_field(t0, state0, None)
+    first_step, _ = solver.init(term, t0, t1, state0, None)
+    dt0 = _initial_step(vector_field, t0, t1, state0, f0, rtol, atol, error_order=4)
+    solution = diffrax.diffeqsolve(
+        term,
+        solver,
+        t0=t0,
+        t1=t1,
+        dt0=dt0,
+        y0=state0,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        solver_state=(jnp.zeros_like(first_step), f0),
+        saveat=diffrax.SaveAt(t1=True),
+        max_steps=max_steps,
+    )
+    state1 = jax.tree.map(lambda y: y[0], solution.ys)
+    # f0, the initial step's probe, and len(c) new stages per attempted step.
+    nfe = 2 + len(solver.tableau.c) * solution.stats["num_steps"]
+    return state1, nfe
+
+
+def solve_adaptive(
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: jax.Array,
+    *,
+    eps: float,
+    rtol: float,
+    atol: float,
+    max_steps: int = 4096,
+) -> tuple[jax.Array, jax.Array]:
+    """Integrate the probability-flow ODE from ``x`` at ``T`` to ``eps`` with
+    :func:`integrate_adaptive` (Dopri5, PID controller, on device). Returns ``(x, nfe)``
+    with ``nfe`` the exact number of score evaluations."""
+    drift = lambda t, y, args: probability_flow_drift(sde, score_fn, y, t)
+    return integrate_adaptive(drift, x, sde.T, eps, rtol, atol, max_steps)

@@ -1,0 +1,494 @@
+r"""Samplers: predictor--corrector for the reverse SDE, and the probability-flow ODE.
+
+Every sampler takes a score function ``score_fn(x, t)`` and returns ``(samples, nfe)``,
+where ``nfe`` counts the score evaluations actually performed (a batch counts once).
+
+**Predictor--corrector** (Song et al. 2021, Algorithm 1): on the grid
+:math:`t_i = T - i (T - \epsilon)/(n - 1)`, :math:`i = 0, \dots, n-1` (``linspace(T, eps, n)``
+as in the 2021 reference), each step first applies ``n_steps`` corrector (MCMC) moves at
+:math:`t_i` and then one predictor move of the reverse SDE from :math:`t_i` to
+:math:`t_{i+1}` (to :math:`0` after the last grid point). The discrete predictors and
+correctors use the SDE's own discretisation with ``N = n`` (``sde.replace(N=n)``): step
+``i`` is level ``n - 1 - i`` of the DDPM chain for VP, of the SMLD noise levels for VE, so
+with ``n = sde.N`` they are exactly DDPM's and SMLD's samplers; the score is evaluated at
+:math:`t_i`, whose ``eps > 0`` keeps :math:`\sigma_t > 0`.
+
+**Probability-flow ODE** (``ode_sample``): see :mod:`diffusion_sde.ode_solvers`.
+
+Randomness: ``key`` is split once into a prior key and a loop key; step ``i`` uses
+``fold_in(loop_key, i)``, split into a corrector key (folded again with the corrector
+move ``j``) and a predictor key. Independent implementations can thus replay the noise.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_sde import ode_solvers
+from diffusion_sde.sde import SDE, VESDE, VPSDE, ScoreFn, batch_broadcast, subVPSDE
+
+
+class GridPoint(NamedTuple):
+    """Where a predictor--corrector step stands.
+
+    ``t`` is the time at which the score is evaluated and ``t_next`` the time the predictor
+    moves to, both ``(B,)``; ``index`` is the level of ``t`` in the SDE's discrete chain.
+    """
+
+    t: jax.Array
+    t_next: jax.Array
+    index: jax.Array
+
+
+def _normal(key: jax.Array, x: jax.Array) -> jax.Array:
+    return jax.random.normal(key, x.shape, x.dtype)
+
+
+def _chain_time(sde: SDE, index: jax.Array, x: jax.Array) -> jax.Array:
+    """The grid time ``index * T / (N - 1)`` of a discrete level, shaped ``(B,)``."""
+    return jnp.full(x.shape[:1], index * sde.T / (sde.N - 1), x.dtype)
+
+
+# --- Predictors: (key, sde, score_fn, x, point, probability_flow) -> (x, x_mean) ---------
+
+Step = tuple[jax.Array, jax.Array]  # The new x and its mean (x without the step's noise).
+
+
+def euler_maruyama_predictor(
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint,
+    probability_flow: bool,
+) -> Step:  # fmt: skip
+    r"""Euler--Maruyama on the reverse SDE (or probability-flow ODE),
+    :math:`\Delta t = t_{next} - t < 0`:
+
+    .. math::  \bar x = x + [f(x, t) - c\,g(t)^2 s(x, t)]\,\Delta t, \qquad
+       x' = \bar x + g(t)\sqrt{-\Delta t}\,z,
+
+    with :math:`c = 1` (no noise term and :math:`c = 1/2` for the probability flow).
+    """
+    drift, diffusion = sde.reverse(score_fn, probability_flow).sde(x, point.t)
+    dt = point.t_next - point.t
+    x_mean = x + batch_broadcast(dt, x) * drift
+    if probability_flow:
+        return x_mean, x_mean
+    return x_mean + batch_broadcast(diffusion * jnp.sqrt(-dt), x) * _normal(key, x), x_mean
+
+
+def reverse_diffusion_predictor(
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint,
+    probability_flow: bool,
+) -> Step:  # fmt: skip
+    r"""Reverse diffusion (Song et al. 2021, eq. 46) of the discretisation
+    :math:`x_{i+1} = x_i + f_i(x_i) + G_i z_i` (``sde.discretize``):
+
+    .. math::  \bar x = x - f_i(x) + c\,G_i^2\,s(x, t), \qquad x' = \bar x + G_i z,
+
+    with :math:`c = 1` (no noise term and :math:`c = 1/2` for the probability flow).
+    """
+    # The chain's coefficients at its own level, the score at the sampler's time.
+    score_at_t = lambda y, _: score_fn(y, point.t)
+    f_rev, g_rev = sde.reverse(score_at_t, probability_flow).discretize(
+        x, _chain_time(sde, point.index, x)
+    )
+    x_mean = x - f_rev
+    if probability_flow:
+        return x_mean, x_mean
+    return x_mean + batch_broadcast(g_rev, x) * _normal(key, x), x_mean
+
+
+def ancestral_sampling_predictor(
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint,
+    probability_flow: bool,
+) -> Step:  # fmt: skip
+    r"""Ancestral sampling of the discrete chain.
+
+    VP, DDPM (Ho et al. 2020, Algorithm 2 with :math:`\sigma_i^2 = \beta_i` and
+    :math:`\epsilon_\theta = -\sqrt{1 - \bar\alpha_i}\,s`):
+    :math:`\bar x = (x + \beta_i s)/\sqrt{1 - \beta_i}`, :math:`x' = \bar x + \sqrt{\beta_i} z`.
+
+    VE, SMLD (Song et al. 2021, eq. 47), with :math:`\sigma_{-1} = 0`:
+    :math:`\bar x = x + (\sigma_i^2 - \sigma_{i-1}^2) s`,
+    :math:`x' = \bar x + \sqrt{\sigma_{i-1}^2(\sigma_i^2 - \sigma_{i-1}^2)/\sigma_i^2}\,z`.
+    """
+    del probability_flow  # Rejected in `pc_sample`.
+    score = score_fn(x, point.t)
+    if isinstance(sde, VPSDE):
+        beta = sde.discrete_betas[point.index]
+        x_mean = (x + beta * score) / jnp.sqrt(1.0 - beta)
+        std = jnp.sqrt(beta)
+    else:
+        sigmas = sde.discrete_sigmas
+        sigma = sigmas[point.index]
+        sigma_prev = jnp.where(point.index == 0, 0.0, sigmas[jnp.maximum(point.index - 1, 0)])
+        x_mean = x + (sigma**2 - sigma_prev**2) * score
+        std = jnp.sqrt(sigma_prev**2 * (sigma**2 - sigma_prev**2) / sigma**2)
+    return x_mean + std * _normal(key, x), x_mean
+
+
+def no_predictor(
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint,
+    probability_flow: bool,
+) -> Step:  # fmt: skip
+    """The identity: corrector-only sampling."""
+    return x, x
+
+
+# name -> (predictor, score evaluations per call)
+PREDICTORS: dict[str, tuple[Callable, int]] = {
+    "euler_maruyama": (euler_maruyama_predictor, 1),
+    "reverse_diffusion": (reverse_diffusion_predictor, 1),
+    "ancestral_sampling": (ancestral_sampling_predictor, 1),
+    "none": (no_predictor, 0),
+}
+
+
+# --- Correctors: (key, sde, score_fn, x, point, snr, n_steps) -> (x, x_mean) -----------
+
+
+def _ddpm_alpha(sde: SDE, index: jax.Array) -> jax.Array:
+    r"""The :math:`\alpha_i = 1 - \beta_i` of DDPM's chain that scales the Langevin step on VP
+    (Song et al. 2021, Algorithm 5). Sub-VP has VP's :math:`\beta(t)` and :math:`\alpha_t`,
+    so it uses the same :math:`\alpha_i`; VE uses 1 (Algorithm 4)."""
+    if isinstance(sde, VPSDE | subVPSDE):
+        betas = VPSDE(beta_min=sde.beta_min, beta_max=sde.beta_max, N=sde.N).discrete_betas
+        return 1.0 - betas[index]
+    return jnp.ones(())
+
+
+def _langevin(key, sde, score_fn, x, point, n_steps, step_size_fn):
+    r""":math:`n` Langevin moves :math:`\bar x = x + \epsilon s(x, t)`,
+    :math:`x' = \bar x + \sqrt{2\epsilon}\,z`, with :math:`\epsilon` from ``step_size_fn``."""
+
+    def move(j, carry):
+        x, _ = carry
+        score = score_fn(x, point.t)
+        noise = _normal(jax.random.fold_in(key, j), x)
+        step_size = step_size_fn(score, noise)
+        x_mean = x + batch_broadcast(step_size, x) * score
+        return x_mean + batch_broadcast(jnp.sqrt(2.0 * step_size), x) * noise, x_mean
+
+    return jax.lax.fori_loop(0, n_steps, move, (x, x))
+
+
+def langevin_corrector(
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint, snr: float,
+    n_steps: int,
+) -> Step:  # fmt: skip
+    r"""Langevin MCMC with a step set by the signal-to-noise ratio ``snr`` = :math:`r`
+    (Song et al. 2021, Algorithms 4 and 5):
+
+    .. math::  \epsilon = 2\,\alpha_i\,(r\,\lVert z \rVert / \lVert s \rVert)^2,
+
+    where the norms are averaged over the batch, as in the 2021 reference (a per-example
+    ratio is unstable in low dimension, where :math:`\lVert s \rVert` can vanish at a mode).
+    :math:`\alpha_i = 1 - \beta_i` of the DDPM chain at level ``i`` on VP and on sub-VP,
+    which has VP's :math:`\beta(t)` (the 2021 reference fails on sub-VP); 1 on VE.
+    """
+    alpha = _ddpm_alpha(sde, point.index)
+
+    def step_size(score, noise):
+        score_norm = jnp.mean(jnp.linalg.norm(score.reshape(x.shape[0], -1), axis=-1))
+        noise_norm = jnp.mean(jnp.linalg.norm(noise.reshape(x.shape[0], -1), axis=-1))
+        return jnp.full(x.shape[:1], 2.0 * alpha * (snr * noise_norm / score_norm) ** 2)
+
+    return _langevin(key, sde, score_fn, x, point, n_steps, step_size)
+
+
+def ald_corrector(
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint, snr: float,
+    n_steps: int,
+) -> Step:  # fmt: skip
+    r"""Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) with the step
+
+    .. math::  \epsilon = 2\,\alpha_i\,(r\,\sigma_t)^2,
+
+    :math:`\sigma_t` the marginal std, :math:`r` = ``snr`` and :math:`\alpha_i` as in
+    ``langevin_corrector``. Song & Ermon's move :math:`x + \tfrac12 a_i s + \sqrt{a_i} z`
+    with :math:`a_i = \epsilon_{SE} \sigma_i^2/\sigma_L^2` is this one with
+    :math:`a_i = 2\epsilon`, i.e. :math:`\epsilon_{SE} = 4 r^2 \sigma_L^2` (on VE).
+    """
+    alpha = _ddpm_alpha(sde, point.index)
+    _, sigma = sde.marginal_coeffs(point.t)
+    step_size = 2.0 * alpha * (snr * sigma) ** 2
+    return _langevin(key, sde, score_fn, x, point, n_steps, lambda score, noise: step_size)
+
+
+def no_corrector(
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint, snr: float,
+    n_steps: int,
+) -> Step:  # fmt: skip
+    """The identity: predictor-only sampling."""
+    return x, x
+
+
+# name -> (corrector, score evaluations per move)
+CORRECTORS: dict[str, tuple[Callable, int]] = {
+    "langevin": (langevin_corrector, 1),
+    "ald": (ald_corrector, 1),
+    "none": (no_corrector, 0),
+}
+
+
+# --- The predictor-corrector sampler -----------------------------------------------------
+
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"Unknown {what} {name!r}; valid: {sorted(table)}")
+    return table[name]
+
+
+def _check_pc(sde: SDE, predictor: str, corrector: str, num_steps: int, probability_flow: bool):
+    """Reject undefined combinations before tracing, with a message saying why."""
+    if predictor == "ancestral_sampling":
+        if not isinstance(sde, VPSDE | VESDE):
+            raise ValueError(
+                f"ancestral_sampling is defined for VPSDE (DDPM) and VESDE (SMLD), not for "
+                f"{type(sde).__name__}: use 'reverse_diffusion' or 'euler_maruyama'."
+            )
+        if probability_flow:
+            raise ValueError(
+                "ancestral_sampling has no probability-flow form: use 'reverse_diffusion' or "
+                "'euler_maruyama' with probability_flow=True, or ode_sample (e.g. method='ddim')."
+            )
+    if num_steps < 2:
+        raise ValueError(f"pc_sample needs num_steps >= 2, got {num_steps}.")
+    # DDPM's chain with N = num_steps needs beta_i = beta(t_i) / N < 1; check it when the
+    # SDE's parameters are concrete (not traced by an enclosing jit).
+    uses_chain = predictor in ("reverse_diffusion", "ancestral_sampling") or corrector != "none"
+    if uses_chain and isinstance(sde, VPSDE | subVPSDE):
+        try:
+            beta_max = float(sde.beta_max)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return
+        if beta_max / num_steps >= 1.0:
+            raise ValueError(
+                f"num_steps={num_steps} is too small for the DDPM chain used by predictor "
+                f"{predictor!r} / corrector {corrector!r} (beta_max / num_steps = "
+                f"{beta_max / num_steps:.2f} >= 1): use num_steps > {beta_max:g}, or "
+                f"predictor='euler_maruyama' with corrector='none', or ode_sample."
+            )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "score_fn",
+        "shape",
+        "predictor",
+        "corrector",
+        "n_steps",
+        "num_steps",
+        "probability_flow",
+        "denoise",
+    ),
+)
+def _pc_loop(
+    key, sde, score_fn, shape, predictor, corrector, snr, n_steps, num_steps, probability_flow,
+    denoise, eps,
+):  # fmt: skip
+    predictor_fn, _ = PREDICTORS[predictor]
+    corrector_fn, _ = CORRECTORS[corrector]
+    chain = sde.replace(N=num_steps)
+    prior_key, loop_key = jax.random.split(key)
+    x = sde.prior_sampling(prior_key, shape)
+    timesteps = jnp.linspace(sde.T, eps, num_steps)
+    next_timesteps = jnp.append(timesteps[1:], 0.0)
+
+    def step(carry, inputs):
+        x, _ = carry
+        i, t, t_next = inputs
+        corrector_key, predictor_key = jax.random.split(jax.random.fold_in(loop_key, i))
+        batch = jnp.ones(shape[:1], x.dtype)
+        point = GridPoint(t * batch, t_next * batch, num_steps - 1 - i)
+        x, x_mean = corrector_fn(corrector_key, chain, score_fn, x, point, snr, n_steps)
+        x, x_mean = predictor_fn(predictor_key, chain, score_fn, x, point, probability_flow)
+        return (x, x_mean), None
+
+    steps = (jnp.arange(num_steps), timesteps, next_timesteps)
+    (x, x_mean), _ = jax.lax.scan(step, (x, x), steps)
+    return x_mean if denoise else x
+
+
+def pc_sample(
+    key: jax.Array,
+    sde: SDE,
+    score_fn: ScoreFn,
+    shape: tuple[int, ...],
+    *,
+    predictor: str = "reverse_diffusion",
+    corrector: str = "langevin",
+    snr: float = 0.16,
+    n_steps: int = 1,
+    num_steps: int | None = None,
+    probability_flow: bool = False,
+    denoise: bool = True,
+    eps: float = 1e-3,
+) -> tuple[jax.Array, int]:
+    r"""Predictor--corrector sampling of the reverse SDE (Song et al. 2021, Algorithm 1).
+
+    Starting from :math:`x \sim p_T` (``sde.prior_sampling``), for each :math:`t_i` of
+    ``linspace(T, eps, num_steps)``: ``n_steps`` corrector moves at :math:`t_i`, then one
+    predictor move to :math:`t_{i+1}` (to 0 after the last point). The discrete predictors
+    and correctors use ``sde.replace(N=num_steps)``, level ``num_steps - 1 - i`` at step
+    ``i`` (see the module docstring); for VP this needs ``num_steps > beta_max``.
+
+    Args:
+      key: PRNG key (split and folded with the step index as in the module docstring).
+      sde: the forward SDE.
+      score_fn: ``score_fn(x, t)``; a static argument of the compiled loop: pass the same
+        function object (or a bound method of the same object) to reuse the compilation, or
+        call the sampler inside your own ``jax.jit``.
+      shape: ``(B, *dims)`` of the samples.
+      predictor: one of ``PREDICTORS``: ``euler_maruyama``, ``reverse_diffusion``,
+        ``ancestral_sampling`` (VP and VE only), ``none``.
+      corrector: one of ``CORRECTORS``: ``langevin``, ``ald``, ``none``.
+      snr: the signal-to-noise ratio :math:`r` of the corrector's step size.
+      n_steps: corrector moves per grid point.
+      num_steps: number of grid points; ``None`` means ``sde.N``.
+      probability_flow: let the predictor follow the probability-flow ODE instead.
+      denoise: return the mean of the last update, without its noise (as the reference and
+        DDPM, whose last step adds no noise); costs no extra evaluation.
+      eps: the last grid time.
+
+    Returns:
+      ``(samples, nfe)``: samples of shape ``shape`` and
+      ``nfe = num_steps * (predictor evaluations + n_steps * corrector evaluations)``.
+    """
+    num_steps = sde.N if num_steps is None else num_steps
+    _, predictor_nfe = _lookup(PREDICTORS, predictor, "predictor")
+    _, corrector_nfe = _lookup(CORRECTORS, corrector, "corrector")
+    _check_pc(sde, predictor, corrector, num_steps, probability_flow)
+    samples = _pc_loop(
+        key, sde, score_fn, tuple(shape), predictor, corrector, snr, n_steps, num_steps,
+        probability_flow, denoise, eps,
+    )  # fmt: skip
+    return samples, num_steps * (predictor_nfe + n_steps * corrector_nfe)
+
+
+# --- The probability-flow ODE sampler ----------------------------------------------------
+
+
+def ode_sample(
+    key: jax.Array,
+    sde: SDE,
+    score_fn: ScoreFn,
+    shape: tuple[int, ...],
+    *,
+    method: str = "adaptive",
+    num_steps: int | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    eps: float = 1e-3,
+    denoise: bool = False,
+    time_grid: str | None = None,
+) -> tuple[jax.Array, jax.Array | int]:
+    r"""Sample by integrating the probability-flow ODE (Song et al. 2021, eq. 13)
+
+    .. math::  \frac{dx}{dt} = f(x, t) - \tfrac12 g(t)^2\,s(x, t)
+
+    from :math:`x_T \sim p_T` (drawn with ``key``) down to :math:`t = \epsilon`.
+
+    Args:
+      key: PRNG key of the prior sample :math:`x_T` = ``sde.prior_sampling(key, shape)``
+        (the ODE itself is deterministic).
+      sde, score_fn, shape: as in ``pc_sample``.
+      method: one of ``ode_solvers.METHODS``: ``adaptive`` (Dopri5 with a PID step-size
+        controller, in diffrax, on device), ``euler``, ``heun``, ``ddim``,
+        ``dpm_solver_2``, ``dpm_solver_3``; see :mod:`diffusion_sde.ode_solvers`.
+      num_steps: steps of a fixed-step method; ``None`` means ``sde.N``. Ignored by
+        ``adaptive``.
+      rtol, atol: tolerances of ``adaptive``.
+      eps: the final time.
+      denoise: finish with Tweedie's denoiser at :math:`\epsilon`,
+        :math:`\hat x_0 = (x + \sigma_\epsilon^2 s(x, \epsilon))/\alpha_\epsilon`
+        (one more evaluation).
+      time_grid: ``uniform_t``, ``uniform_log_snr`` or ``karras`` (``ode_solvers.TIME_GRIDS``);
+        ``None`` picks the method's default. Ignored by ``adaptive``.
+
+    Returns:
+      ``(samples, nfe)``; ``nfe`` is a Python int for fixed-step methods and a scalar
+      array (every evaluation of the adaptive solver counted) for ``adaptive``.
+    """
+    num_steps = sde.N if num_steps is None else num_steps
+    ode_solvers.check_method(method, time_grid)
+    samples, adaptive_nfe = _ode_loop(
+        key, sde, score_fn, tuple(shape), method, num_steps, rtol, atol, eps, denoise, time_grid
+    )
+    if method == "adaptive":
+        return samples, adaptive_nfe + int(denoise)
+    return samples, ode_solvers.fixed_step_nfe(method, num_steps) + int(denoise)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("score_fn", "shape", "method", "num_steps", "denoise", "time_grid")
+)
+def _ode_loop(key, sde, score_fn, shape, method, num_steps, rtol, atol, eps, denoise, time_grid):
+    x = sde.prior_sampling(key, shape)
+    adaptive_nfe = None
+    if method == "adaptive":
+        x, adaptive_nfe = ode_solvers.solve_adaptive(
+            sde, score_fn, x, eps=eps, rtol=rtol, atol=atol
+        )
+    else:
+        x = ode_solvers.solve_fixed_step(method, sde, score_fn, x, num_steps, eps, time_grid)
+    if denoise:
+        x = ode_solvers.tweedie_denoise(sde, score_fn, x, eps)
+    return x, adaptive_nfe
+
+
+# --- From a config -----------------------------------------------------------------------
+
+Sampler = Callable[[jax.Array, ScoreFn], tuple[jax.Array, Any]]
+
+
+def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampler:
+    """Build ``sampler(key, score_fn) -> (samples, nfe)`` from ``config.sampling``.
+
+    Fields (the 2021 reference's names first; a missing optional field takes the default):
+
+    - ``method``: ``'pc'`` (``pc_sample``) or ``'ode'`` (``ode_sample``).
+    - ``noise_removal`` (bool, default True): ``denoise``.
+    - ``num_steps`` (default None = ``sde.N``), ``eps`` (default 1e-3).
+    - pc: ``predictor``, ``corrector``, ``snr``, ``n_steps_each``, ``probability_flow``
+      (default False).
+    - ode: ``ode_method`` (default ``'adaptive'``), ``rtol``, ``atol`` (default 1e-5),
+      ``time_grid`` (default None = the method's own).
+
+    Names are validated here, so a typo fails before anything is compiled.
+    """
+    field = lambda name, default: sampling_config.get(name, default)
+    method = sampling_config.get("method", "pc").lower()
+    common = dict(
+        num_steps=field("num_steps", None),
+        eps=field("eps", 1e-3),
+        denoise=field("noise_removal", True),
+    )
+    if method == "pc":
+        kwargs = dict(
+            predictor=sampling_config.predictor.lower(),
+            corrector=sampling_config.corrector.lower(),
+            snr=sampling_config.snr,
+            n_steps=field("n_steps_each", 1),
+            probability_flow=field("probability_flow", False),
+            **common,
+        )
+        _lookup(PREDICTORS, kwargs["predictor"], "sampling.predictor")
+        _lookup(CORRECTORS, kwargs["corrector"], "sampling.corrector")
+        return lambda key, score_fn: pc_sample(key, sde, score_fn, shape, **kwargs)
+    if method == "ode":
+        kwargs = dict(
+            method=field("ode_method", "adaptive").lower(),
+            rtol=field("rtol", 1e-5),
+            atol=field("atol", 1e-5),
+            time_grid=field("time_grid", None),
+            **common,
+        )
+        ode_solvers.check_method(kwargs["method"], kwargs["time_grid"])
+        return lambda key, score_fn: ode_sample(key, sde, score_fn, shape, **kwargs)
+    raise ValueError(f"Unknown sampling.method {method!r}; valid: ['ode', 'pc']")
