@@ -1,0 +1,175 @@
+r"""The U-Net of Ho, Jain & Abbeel (2020), "Denoising Diffusion Probabilistic Models",
+as the 2021 reference's ``ddpm`` model defines it.
+
+The network predicts the noise :math:`\epsilon_\theta(x_i, i)` of
+:math:`x_i = \sqrt{\bar\alpha_i} x_0 + \sqrt{1 - \bar\alpha_i}\,\epsilon` (``get_score_fn``
+divides by :math:`-\sqrt{1-\bar\alpha}` for VP SDEs); with ``scale_by_sigma`` (VE, discrete
+labels) it instead divides its output by :math:`\sigma_i`, the ``time_cond``-th of the
+descending SMLD noise levels, as NCSN does.
+
+Layout, for ``L = len(ch_mult)`` resolutions (PixelCNN++-style; appendix B of Ho et al.):
+
+1. time embedding :math:`e = W_2\,\mathrm{swish}(W_1 \phi(\mathrm{time\_cond}))`, with
+   :math:`\phi` the sinusoidal embedding of width ``nf`` and :math:`e` of width ``4 nf``
+   (omitted when ``conditional`` is False), plus a label embedding when
+   ``num_classes > 0`` (label ``num_classes`` is the null label);
+2. encoder: a 3x3 convolution to ``nf`` channels, then per level ``num_res_blocks``
+   residual blocks of ``nf * ch_mult[level]`` channels, each followed by self-attention
+   at the ``attn_resolutions``, and a downsampling (a stride-2 convolution if
+   ``resamp_with_conv``, else average pooling) between levels; every output is kept;
+3. middle: residual block, attention, residual block;
+4. decoder: per level ``num_res_blocks + 1`` residual blocks on the concatenation of the
+   features and one skip, each followed by self-attention at the ``attn_resolutions``,
+   and a nearest-neighbour upsampling (then a 3x3 convolution if ``resamp_with_conv``);
+5. GroupNorm(32), swish and a 3x3 convolution to the image channels initialised at
+   zero scale.
+
+The decoder attends after every block as Ho et al.'s TensorFlow code does (``unet.py``),
+which gives their 35.7M parameters on CIFAR-10 (35,746,307 exactly). The 2021 reference's
+port attends once per decoder level, after the blocks: 35,218,947 parameters.
+
+Residual blocks are those of Ho et al.: GroupNorm(32), swish, conv, plus the projected
+time embedding, GroupNorm(32), swish, dropout, conv (zero-scale init), and a 1x1
+projection of the shortcut when the width changes.
+
+Config fields (``model.*``): ``nf``, ``ch_mult``, ``num_res_blocks``,
+``attn_resolutions``, ``dropout``, ``resamp_with_conv``, ``conditional``, ``centered``,
+``scale_by_sigma`` (with ``sigma_min``, ``sigma_max``, ``num_scales``), ``nonlinearity``
+(``swish``); optional ``num_classes`` (0), ``dtype`` (``float32``) and ``conv_impl``
+(``auto``, see :mod:`diffusion_sde.models.ncsnpp`). ``normalization`` is always
+GroupNorm with 32 groups, so every width must be a multiple of 32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from diffusion_sde.models import layers
+from diffusion_sde.models.ncsnpp import get_sigmas, resolve_conv_impl
+
+# Ho et al.'s blocks: GroupNorm with 32 groups, plain sums, zero-scale last layers.
+NUM_GROUPS = 32
+
+
+def label_embedding(
+    y: jax.Array | None, batch_size: int, num_classes: int, features: int, dtype
+) -> jax.Array | None:
+    """Embedding of class labels ``y`` (``None`` is the null label ``num_classes``), or
+    ``None`` for an unconditional model. Call inside a compact method."""
+    if num_classes == 0:
+        if y is not None:
+            raise ValueError("class labels y given to a model with num_classes = 0")
+        return None
+    if y is None:
+        y = jnp.full((batch_size,), num_classes, dtype=jnp.int32)
+    return nn.Embed(num_classes + 1, features, dtype=dtype)(y)
+
+
+def divide_by_discrete_sigma(
+    h: jax.Array, time_cond: jax.Array, config: ml_collections.ConfigDict
+) -> jax.Array:
+    r""":math:`h / \sigma_i` with :math:`i` = ``time_cond`` an index into the descending
+    SMLD noise levels (the NCSN output parameterisation of Song & Ermon 2020)."""
+    sigmas = jnp.asarray(get_sigmas(config.sigma_min, config.sigma_max, config.num_scales))
+    used_sigmas = sigmas.astype(jnp.float32)[jnp.round(time_cond).astype(jnp.int32)]
+    return h / used_sigmas.reshape((-1,) + (1,) * (h.ndim - 1))
+
+
+class DDPM(nn.Module):
+    """DDPM U-Net score network; see the module docstring.
+
+    ``__call__(x, time_cond, y=None, train=False)``: ``x`` (B, H, W, C) images,
+    ``time_cond`` (B,) time labels (the DDPM step ``(N - 1) t``, ``999 t``, or a
+    noise-level index with ``scale_by_sigma``), ``y`` optional (B,) int labels. Returns
+    float32 shaped like ``x``.
+    """
+
+    config: ml_collections.ConfigDict
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        time_cond: jax.Array,
+        y: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        config = self.config
+        nf = config.nf
+        ch_mult = tuple(config.ch_mult)
+        num_res_blocks = config.num_res_blocks
+        attn_resolutions = tuple(config.attn_resolutions)
+        num_resolutions = len(ch_mult)
+        act = layers.choose("nonlinearity", config.nonlinearity, layers.ACTIVATIONS)
+        dtype = layers.choose("dtype", config.get("dtype", "float32"), layers.DTYPES)
+        common = dict(dtype=dtype, conv_impl=resolve_conv_impl(config.get("conv_impl", "auto")))
+
+        conv3x3 = functools.partial(layers.Conv, kernel_size=3, **common)
+        ResnetBlock = functools.partial(
+            layers.ResnetBlockDDPMpp,
+            act=act,
+            dropout=config.dropout,
+            skip_rescale=False,
+            init_scale=0.0,
+            num_groups=NUM_GROUPS,
+            **common,
+        )
+        AttnBlock = functools.partial(
+            layers.AttnBlock, num_groups=NUM_GROUPS, skip_rescale=False, init_scale=0.0, **common
+        )
+        Downsample = functools.partial(
+            layers.Downsample, with_conv=config.resamp_with_conv, **common
+        )
+        Upsample = functools.partial(layers.Upsample, with_conv=config.resamp_with_conv, **common)
+
+        # ---- time and label embedding
+        temb = None
+        if config.conditional:
+            temb = layers.get_timestep_embedding(time_cond, nf)
+            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(temb)
+            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(act(temb))
+        label_emb = label_embedding(y, x.shape[0], config.get("num_classes", 0), nf * 4, dtype)
+        if label_emb is not None:
+            temb = label_emb if temb is None else temb + label_emb
+
+        h = x if config.centered else 2.0 * x - 1.0  # data in [0, 1] -> [-1, 1]
+
+        # ---- encoder
+        hs = [conv3x3(nf)(h.astype(dtype))]
+        for i_level in range(num_resolutions):
+            for _ in range(num_res_blocks):
+                h = ResnetBlock(out_ch=nf * ch_mult[i_level])(hs[-1], temb, train)
+                if h.shape[1] in attn_resolutions:
+                    h = AttnBlock()(h)
+                hs.append(h)
+            if i_level != num_resolutions - 1:
+                hs.append(Downsample()(hs[-1]))
+
+        # ---- middle
+        h = ResnetBlock()(hs[-1], temb, train)
+        h = AttnBlock()(h)
+        h = ResnetBlock()(h, temb, train)
+
+        # ---- decoder
+        for i_level in reversed(range(num_resolutions)):
+            for _ in range(num_res_blocks + 1):
+                h = ResnetBlock(out_ch=nf * ch_mult[i_level])(
+                    jnp.concatenate([h, hs.pop()], axis=-1), temb, train
+                )
+                if h.shape[1] in attn_resolutions:
+                    h = AttnBlock()(h)
+            if i_level != 0:
+                h = Upsample()(h)
+        assert not hs, "every skip connection is used once"
+
+        # ---- output
+        h = act(layers.group_norm(h, NUM_GROUPS, dtype))
+        h = conv3x3(x.shape[-1], init_scale=0.0)(h).astype(jnp.float32)
+        if config.scale_by_sigma:
+            h = divide_by_discrete_sigma(h, time_cond, config)
+        return h

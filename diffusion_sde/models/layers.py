@@ -1,0 +1,759 @@
+r"""Building blocks of the score networks (NCSN++, DDPM++, DDPM, NCSNv2).
+
+Every block is a Flax linen module (or a pure function) on NHWC images with float32
+parameters and computation in ``dtype`` (float32 or bfloat16). The blocks follow the
+architecture descriptions of
+
+- Ho, Jain & Abbeel (2020), *Denoising Diffusion Probabilistic Models*, appendix B
+  (residual blocks, self-attention, sinusoidal time embedding),
+- Song et al. (2021), *Score-Based Generative Modeling through SDEs*, appendix H
+  (NCSN++/DDPM++: BigGAN-type residual blocks, FIR resampling, skip rescaling by
+  :math:`1/\sqrt 2`, Gaussian Fourier time features, progressive growing),
+- Karras et al. (2020), *StyleGAN2*: FIR up/down-sampling through ``upfirdn2d``.
+
+Initialisation follows the reference implementation: every convolution and dense kernel
+is drawn from ``variance_scaling(scale, "fan_avg", "uniform")`` (:func:`default_init`),
+biases are zero, and a block's last layer uses ``init_scale`` (0 in NCSN++/DDPM++, which
+:func:`default_init` turns into ``1e-10`` so the block starts close to the identity).
+
+Convolutions have several interchangeable implementations (``conv_impl``, see
+:func:`conv2d`), equal up to float rounding and with the same parameters: ``"xla"``
+(``lax.conv_general_dilated`` and its XLA gradients), ``"patches"`` (im2col and one matrix
+product), ``"hybrid"`` (XLA's convolution forward and for the input gradient, the kernel
+gradient as matrix products) and ``"winograd"`` (3x3 convolutions by Winograd's F(2x2, 3x3),
+2.25x fewer multiplications, all as batched matrix products). On CPU XLA's kernel-gradient
+convolution is about 3x slower than its forward convolution; ``"auto"`` (the default)
+picks what was measured fastest there (``experiments/benchmarks/networks.py``), and XLA's
+own convolutions (cuDNN, the TPU convolution units) on accelerators.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Dtype = Any
+T = TypeVar("T")
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "swish": nn.swish,
+    "elu": nn.elu,
+    "relu": nn.relu,
+    "lrelu": functools.partial(nn.leaky_relu, negative_slope=0.2),
+}
+DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CONV_IMPLS = ("auto", "xla", "patches", "hybrid", "winograd")
+# 1/sqrt(2): the skip rescaling of NCSN++/DDPM++, keeping the variance of x + h at that of x.
+SKIP_SCALE = 1.0 / math.sqrt(2.0)
+# The reference initialises its 1x1 "NIN" projections (attention q, k, v and the DDPM
+# block's channel-changing shortcut) with variance scale 0.1, its other layers with 1.
+NIN_INIT_SCALE = 0.1
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def choose(what: str, name: str, options: Mapping[str, T]) -> T:
+    """``options[name]``, or a ``ValueError`` listing the valid names of ``what``."""
+    if name not in options:
+        raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(map(repr, options))}")
+    return options[name]
+
+
+def check_option(what: str, name: str, valid: Sequence[str]) -> str:
+    """Return ``name`` if it is one of ``valid``, else raise a ``ValueError`` listing them."""
+    return choose(what, name, {v: v for v in valid})
+
+
+def default_init(scale: float = 1.0) -> jax.nn.initializers.Initializer:
+    r"""The reference initialiser: ``variance_scaling(scale, "fan_avg", "uniform")``.
+
+    A kernel of fan-in :math:`n_i` and fan-out :math:`n_o` is drawn from
+    :math:`U(-a, a)` with :math:`a^2 = 3\,\mathrm{scale} / ((n_i + n_o)/2)`. ``scale = 0``
+    means ``1e-10`` (an almost-zero layer that still has a direction), as in the reference.
+    """
+    return jax.nn.initializers.variance_scaling(
+        1e-10 if scale == 0 else scale, "fan_avg", "uniform"
+    )
+
+
+# ----------------------------------------------------------------------------- convolutions
+
+
+def _explicit_padding(x_shape, kernel_shape, stride, padding) -> tuple[tuple[int, int], ...]:
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2], (stride, stride), padding)
+    return tuple((int(low), int(high)) for low, high in padding)
+
+
+def _conv_xla(x, kernel, stride, padding):
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), padding, dimension_numbers=_DIMENSION_NUMBERS
+    )
+
+
+def _shifted_views(x, kernel_shape, stride, padding) -> list[jax.Array]:
+    # The kh * kw views x~[:, s i + u, s j + v, :] of the padded input, ordered (u, v).
+    kh, kw = kernel_shape[:2]
+    (top, bottom), (left, right) = padding
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out_h = (x.shape[1] - kh) // stride + 1
+    out_w = (x.shape[2] - kw) // stride + 1
+    return [
+        x[:, u : u + stride * (out_h - 1) + 1 : stride, v : v + stride * (out_w - 1) + 1 : stride]
+        for u in range(kh)
+        for v in range(kw)
+    ]
+
+
+def _conv_patches(x, kernel, stride, padding):
+    features = kernel.shape[-1]
+    if kernel.shape[:2] == (1, 1) and stride == 1 and padding == ((0, 0), (0, 0)):
+        return x @ kernel.reshape(-1, features)
+    # (B, H', W', kh kw C), ordered (u, v, c) as kernel.reshape(kh kw C, O) is.
+    patches = jnp.concatenate(_shifted_views(x, kernel.shape, stride, padding), axis=-1)
+    return patches @ kernel.reshape(-1, features)
+
+
+def _conv_per_tap(x, kernel, stride, padding):
+    # sum_{u,v} x~[:, s i + u, s j + v, :] w_{u,v}: one (pixels, C) x (C, O) matrix product
+    # per kernel tap; transposed, x~_{u,v}^T dL/dy for the kernel gradient.
+    channels, features = kernel.shape[2:]
+    views = _shifted_views(x, kernel.shape, stride, padding)
+    taps = kernel.reshape(-1, channels, features)
+    y = functools.reduce(
+        jnp.add, [view.reshape(-1, channels) @ tap for view, tap in zip(views, taps, strict=True)]
+    )
+    return y.reshape(*views[0].shape[:3], features)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv_hybrid(x, kernel, stride, padding):
+    return _conv_xla(x, kernel, stride, padding)
+
+
+@functools.partial(_conv_hybrid.defjvp, symbolic_zeros=True)
+def _conv_hybrid_jvp(stride, padding, primals, tangents):
+    # The convolution is bilinear: dy = conv(dx, w) + conv(x, dw). Reverse mode transposes
+    # this: dL/dx by XLA's transposed convolution (as fast as its forward one), dL/dw as
+    # one matrix product per tap, x~_{u,v}^T dL/dy, where XLA's CPU kernel-gradient
+    # convolution is slow. A custom JVP rather than VJP keeps forward mode (jax.linearize,
+    # used for likelihoods) available.
+    x, kernel = primals
+    dx, dkernel = tangents
+    y = _conv_xla(x, kernel, stride, padding)
+    dy = jnp.zeros_like(y)
+    if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+        dy = dy + _conv_xla(dx, kernel, stride, padding)
+    if not isinstance(dkernel, jax.custom_derivatives.SymbolicZero):
+        dy = dy + _conv_per_tap(x, dkernel, stride, padding)
+    return y, dy
+
+
+# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G w G^T) * (B^T d B)] A
+# maps a 4x4 input tile d and a 3x3 filter w to a 2x2 output tile with 16 multiplications
+# instead of 36.
+_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
+
+
+def _linear_combination(arrays, coefficients):
+    return functools.reduce(
+        jnp.add, [float(c) * a for c, a in zip(coefficients, arrays, strict=True) if c != 0]
+    )
+
+
+def _winograd_input_tiles(x: jax.Array) -> jax.Array:
+    """``V = B^T d B`` for the overlapping 4x4 tiles ``d`` (stride 2) of the SAME-padded
+    input, padded to whole tiles: shape ``(16, B * tiles_h * tiles_w, C)``."""
+    batch, height, width, channels = x.shape
+    tiles_h, tiles_w = -(-height // 2), -(-width // 2)
+    x = jnp.pad(x, ((0, 0), (1, 2 * tiles_h - height + 1), (1, 2 * tiles_w - width + 1), (0, 0)))
+    # Tile row a of tile i is padded row 2 i + a = 2 (i + a // 2) + a % 2: a unit-stride
+    # slice once rows are grouped in pairs (likewise for columns). Separably: rows, columns.
+    x = x.reshape(batch, tiles_h + 1, 2, 2 * tiles_w + 2, channels)
+    rows = [x[:, a // 2 : a // 2 + tiles_h, a % 2] for a in range(4)]
+    rows = [
+        _linear_combination(rows, coeffs).reshape(batch, tiles_h, tiles_w + 1, 2, channels)
+        for coeffs in _WINOGRAD_BT
+    ]
+    V = jnp.stack(
+        [
+            _linear_combination(
+                [row[:, :, b // 2 : b // 2 + tiles_w, b % 2] for b in range(4)], coeffs
+            )
+            for row in rows
+            for coeffs in _WINOGRAD_BT
+        ]
+    )
+    return V.reshape(16, -1, channels)
+
+
+def _winograd_output(M: jax.Array, batch: int, height: int, width: int) -> jax.Array:
+    """``Y = A^T M A`` per tile, the 2x2 tiles put side by side and cropped to the image."""
+    tiles_h, tiles_w = -(-height // 2), -(-width // 2)
+    M = M.reshape(4, 4, batch, tiles_h, tiles_w, -1)
+    y_rows = [_linear_combination(list(M), coeffs) for coeffs in _WINOGRAD_AT]
+    y = jnp.stack(
+        [
+            jnp.stack([_linear_combination(list(row), coeffs) for coeffs in _WINOGRAD_AT], axis=3)
+            for row in y_rows
+        ],
+        axis=2,
+    )
+    return y.reshape(batch, 2 * tiles_h, 2 * tiles_w, -1)[:, :height, :width]
+
+
+def _winograd_filter(kernel: jax.Array) -> jax.Array:
+    """``U = G w G^T`` for a 3x3 HWIO kernel: shape ``(16, C, O)``."""
+    G = jnp.asarray(_WINOGRAD_G, kernel.dtype)
+    return jnp.einsum("ra,abco,sb->rsco", G, kernel, G).reshape(16, *kernel.shape[2:])
+
+
+def _conv3x3_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    # The 16 products of a tile, for all tiles at once: one matrix product per tile element.
+    # Differentiated by JAX: the transforms are linear and their transposes cheap.
+    M = jnp.einsum("tnc,tco->tno", _winograd_input_tiles(x), _winograd_filter(kernel))
+    return _winograd_output(M, *x.shape[:3])
+
+
+def _is_3x3_same(kernel, stride, padding) -> bool:
+    return kernel.shape[:2] == (3, 3) and stride == 1 and padding == ((1, 1), (1, 1))
+
+
+def _conv_winograd(x, kernel, stride, padding):
+    if _is_3x3_same(kernel, stride, padding):
+        return _conv3x3_winograd(x, kernel)
+    return _conv_hybrid(x, kernel, stride, padding)
+
+
+# "auto" on CPU uses Winograd for 3x3 convolutions with at least this many output pixels
+# (batch x height x width) and channels in and out; below, its transforms cost more than
+# they save (measured on a 2-core CPU: equal at 8 x 16 x 16 x 256, 25-40% faster at
+# 8 x 32 x 32 x 256), and its larger graphs compile more slowly.
+AUTO_WINOGRAD_MIN_PIXELS = 2048
+AUTO_WINOGRAD_MIN_CHANNELS = 64
+
+
+def _conv_auto(x, kernel, stride, padding):
+    if jax.default_backend() != "cpu":
+        return _conv_xla(x, kernel, stride, padding)
+    pixels = x.shape[0] * x.shape[1] * x.shape[2]
+    if (
+        _is_3x3_same(kernel, stride, padding)
+        and pixels >= AUTO_WINOGRAD_MIN_PIXELS
+        and min(kernel.shape[2:]) >= AUTO_WINOGRAD_MIN_CHANNELS
+    ):
+        return _conv3x3_winograd(x, kernel)
+    return _conv_hybrid(x, kernel, stride, padding)
+
+
+_CONV_FUNCTIONS = {
+    "auto": _conv_auto,
+    "xla": _conv_xla,
+    "patches": _conv_patches,
+    "hybrid": _conv_hybrid,
+    "winograd": _conv_winograd,
+}
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    stride: int = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    conv_impl: str = "xla",
+) -> jax.Array:
+    r"""2-D cross-correlation of NHWC ``x`` with an HWIO ``kernel``:
+
+    .. math::  y_{b,i,j,o} = \sum_{u,v,c} \tilde x_{b,\,s i + u,\,s j + v,\,c}\; w_{u,v,c,o},
+
+    :math:`\tilde x` the zero-padded input, :math:`s` the stride. ``padding`` is
+    ``"SAME"``, ``"VALID"`` or explicit ``((top, bottom), (left, right))``. The
+    implementations (``conv_impl``) compute the same sum and its gradients:
+
+    - ``"xla"``: ``lax.conv_general_dilated`` and XLA's own gradients;
+    - ``"patches"``: im2col, the :math:`k_h k_w` shifted strided views of :math:`\tilde x`
+      side by side in a ``(B, H', W', k_h k_w C)`` array times the kernel reshaped to
+      ``(k_h k_w C, O)``, one matrix product, differentiated as such;
+    - ``"hybrid"``: the XLA convolution forward and for :math:`\partial L/\partial x`,
+      and :math:`\partial L/\partial w_{u,v} = \sum_{b,i,j} \tilde x_{b,si+u,sj+v}^\top
+      \partial L/\partial y_{b,i,j}` as one matrix product per tap (a custom JVP);
+    - ``"winograd"``: 3x3, stride 1, SAME convolutions by Winograd's minimal filtering
+      F(2x2, 3x3) (Lavin & Gray 2016): per overlapping 4x4 input tile :math:`d`,
+      :math:`Y = A^\top [(G w G^\top) \odot (B^\top d B)] A`, the elementwise product
+      being, over channels, 16 matrix products; other convolutions as ``"hybrid"``.
+      Rounding differs from direct summation by about 1e-6 relative in float32;
+    - ``"auto"``: on CPU ``"winograd"`` for large enough 3x3 convolutions and ``"hybrid"``
+      for the others, the fastest measured there; ``"xla"`` on GPU and TPU.
+    """
+    impl = choose("conv_impl", conv_impl, _CONV_FUNCTIONS)
+    return impl(x, kernel, stride, _explicit_padding(x.shape, kernel.shape, stride, padding))
+
+
+class Conv(nn.Module):
+    """A ``kernel_size`` x ``kernel_size`` convolution with SAME padding (``conv3x3``,
+    ``conv1x1`` and the NIN layers of the reference; a 1x1 convolution *is* NIN),
+    kernel initialised by :func:`default_init` (``init_scale``) and a zero bias."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    use_bias: bool = True
+    init_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", default_init(self.init_scale), (k, k, x.shape[-1], self.features)
+        )
+        y = conv2d(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            stride=self.stride,
+            conv_impl=self.conv_impl,
+        )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
+
+
+# ---------------------------------------------------------------- FIR resampling (StyleGAN2)
+
+
+def fir_kernel_1d(fir_kernel: Sequence[float]) -> np.ndarray:
+    """The separable FIR filter :math:`k / \\sum k` of a 1-D kernel such as ``[1, 3, 3, 1]``;
+    the 2-D filter is its outer product (StyleGAN2's ``_setup_kernel``)."""
+    k = np.asarray(fir_kernel, dtype=np.float64)
+    if k.ndim != 1 or k.size == 0:
+        raise ValueError(f"fir_kernel must be a non-empty 1-D sequence, got {fir_kernel!r}")
+    return k / k.sum()
+
+
+def _upfirdn_1d(
+    x: jax.Array, k: np.ndarray, *, up: int, down: int, pad: tuple[int, int], axis: int
+) -> jax.Array:
+    # Zero insertion (up - 1 zeros after every sample) and padding, in one lax.pad.
+    config = [(0, 0, 0)] * x.ndim
+    config[axis] = (pad[0], pad[1] + up - 1, up - 1)
+    x = lax.pad(x, jnp.zeros((), x.dtype), config)
+    # A true convolution with k (the correlation with k reversed), keeping every down-th output.
+    length = x.shape[axis] - len(k) + 1
+    out_length = (length - 1) // down + 1
+    taps = k[::-1]
+    terms = [
+        float(taps[j]) * lax.slice_in_dim(x, j, j + down * (out_length - 1) + 1, down, axis)
+        for j in range(len(k))
+        if taps[j] != 0
+    ]
+    return functools.reduce(jnp.add, terms)
+
+
+def upfirdn2d(
+    x: jax.Array,
+    fir_kernel: np.ndarray,
+    *,
+    up: int = 1,
+    down: int = 1,
+    pad: tuple[int, int] = (0, 0),
+) -> jax.Array:
+    r"""StyleGAN2's ``upfirdn2d`` on NHWC images with a separable filter.
+
+    Upsample by inserting ``up - 1`` zeros after every sample, zero-pad by ``pad`` (the
+    same on both spatial axes; negative crops), convolve with the 2-D filter
+    :math:`k k^\top` (``fir_kernel`` is the 1-D :math:`k`, used as given) and keep every
+    ``down``-th sample. The output has :math:`(n\,\mathrm{up} + p_0 + p_1 - |k|)/\mathrm{down}
+    + 1` samples per axis (integer division). Written as shifted slices: a fixed short
+    filter is a handful of multiply-adds, cheap and exact in every dtype.
+    """
+    for axis in (1, 2):
+        x = _upfirdn_1d(x, fir_kernel, up=up, down=down, pad=pad, axis=axis)
+    return x
+
+
+def upsample_2d(x: jax.Array, fir_kernel: Sequence[float], factor: int = 2) -> jax.Array:
+    """FIR upsampling by ``factor`` (StyleGAN2's ``upsample_2d``): zero insertion, then the
+    filter with gain ``factor**2`` so a constant keeps its value (away from the border,
+    where the zero padding of the reference enters)."""
+    k = fir_kernel_1d(fir_kernel) * factor
+    p = len(k) - factor
+    return upfirdn2d(x, k, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+
+
+def downsample_2d(x: jax.Array, fir_kernel: Sequence[float], factor: int = 2) -> jax.Array:
+    """FIR downsampling by ``factor`` (StyleGAN2's ``downsample_2d``): filter, keep every
+    ``factor``-th sample."""
+    k = fir_kernel_1d(fir_kernel)
+    p = len(k) - factor
+    return upfirdn2d(x, k, down=factor, pad=((p + 1) // 2, p // 2))
+
+
+def naive_upsample_2d(x: jax.Array, factor: int = 2) -> jax.Array:
+    """Nearest-neighbour upsampling: every pixel repeated ``factor`` x ``factor`` times."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+    return x.reshape(b, h * factor, w * factor, c)
+
+
+def naive_downsample_2d(x: jax.Array, factor: int = 2) -> jax.Array:
+    """Average pooling over ``factor`` x ``factor`` blocks."""
+    b, h, w, c = x.shape
+    return jnp.mean(x.reshape(b, h // factor, factor, w // factor, factor, c), axis=(2, 4))
+
+
+def upsample_conv_2d(
+    x: jax.Array, kernel: jax.Array, fir_kernel: Sequence[float], factor: int = 2
+) -> jax.Array:
+    r"""Fused upsampling and convolution (StyleGAN2's ``upsample_conv_2d``): a transposed
+    convolution of stride ``factor`` (written as the correlation of the zero-inserted,
+    :math:`(k-1)`-padded input with ``kernel``) followed by the FIR filter with gain
+    ``factor**2``. Equal to :func:`upsample_2d` then a SAME convolution, except that the
+    zero padding is applied once, at the start, so the two differ on the border."""
+    kh, kw, _, _ = kernel.shape
+    x = lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 1),
+        padding=((kh - 1, kh - 1), (kw - 1, kw - 1)),
+        lhs_dilation=(factor, factor),
+        dimension_numbers=_DIMENSION_NUMBERS,
+    )
+    k = fir_kernel_1d(fir_kernel) * factor
+    p = len(k) - factor - (kw - 1)
+    return upfirdn2d(x, k, pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
+
+
+def conv_downsample_2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    fir_kernel: Sequence[float],
+    factor: int = 2,
+    conv_impl: str = "xla",
+) -> jax.Array:
+    """Fused convolution and downsampling (StyleGAN2's ``conv_downsample_2d``): the FIR
+    filter over the padded input, then a VALID convolution of stride ``factor``. Equal to
+    a SAME convolution then :func:`downsample_2d` away from the border."""
+    _, kw, _, _ = kernel.shape
+    p = len(fir_kernel) - factor + (kw - 1)
+    x = upfirdn2d(x, fir_kernel_1d(fir_kernel), pad=((p + 1) // 2, p // 2))
+    return conv2d(x, kernel, stride=factor, padding="VALID", conv_impl=conv_impl)
+
+
+class FIRConv(nn.Module):
+    """A convolution fused with FIR up- (``up``) or down-sampling (``down``) by 2
+    (the reference's ``up_or_down_sampling.Conv2d``), same parameters as :class:`Conv`."""
+
+    features: int
+    kernel_size: int = 3
+    up: bool = False
+    down: bool = False
+    fir_kernel: Sequence[float] = (1, 3, 3, 1)
+    use_bias: bool = True
+    init_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.up == self.down:
+            raise ValueError("FIRConv resamples: set exactly one of up and down")
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", default_init(self.init_scale), (k, k, x.shape[-1], self.features)
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.up:
+            y = upsample_conv_2d(x, kernel, self.fir_kernel)
+        else:
+            y = conv_downsample_2d(x, kernel, self.fir_kernel, conv_impl=self.conv_impl)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
+
+
+class Upsample(nn.Module):
+    """Upsampling by 2: nearest neighbour (then a 3x3 convolution if ``with_conv``), as in
+    DDPM; or, with ``fir``, FIR upsampling (fused with the convolution if ``with_conv``)."""
+
+    out_ch: int | None = None
+    with_conv: bool = False
+    fir: bool = False
+    fir_kernel: Sequence[float] = (1, 3, 3, 1)
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_ch = self.out_ch or x.shape[-1]
+        if not self.fir:
+            h = naive_upsample_2d(x)
+            if self.with_conv:
+                h = Conv(out_ch, dtype=self.dtype, conv_impl=self.conv_impl)(h)
+            return h
+        if not self.with_conv:
+            return upsample_2d(x, self.fir_kernel)
+        return FIRConv(
+            out_ch, up=True, fir_kernel=self.fir_kernel, dtype=self.dtype, conv_impl=self.conv_impl
+        )(x)
+
+
+class Downsample(nn.Module):
+    """Downsampling by 2: a 3x3 convolution of stride 2 if ``with_conv`` else 2x2 average
+    pooling, as in DDPM; or, with ``fir``, FIR downsampling (fused with the convolution if
+    ``with_conv``)."""
+
+    out_ch: int | None = None
+    with_conv: bool = False
+    fir: bool = False
+    fir_kernel: Sequence[float] = (1, 3, 3, 1)
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_ch = self.out_ch or x.shape[-1]
+        if not self.fir:
+            if self.with_conv:
+                return Conv(out_ch, stride=2, dtype=self.dtype, conv_impl=self.conv_impl)(x)
+            return naive_downsample_2d(x)
+        if not self.with_conv:
+            return downsample_2d(x, self.fir_kernel)
+        return FIRConv(
+            out_ch,
+            down=True,
+            fir_kernel=self.fir_kernel,
+            dtype=self.dtype,
+            conv_impl=self.conv_impl,
+        )(x)
+
+
+# ------------------------------------------------------------------------ time embeddings
+
+
+def get_timestep_embedding(
+    timesteps: jax.Array, embedding_dim: int, max_positions: int = 10_000
+) -> jax.Array:
+    r"""Sinusoidal embedding of (possibly non-integer) time labels (Vaswani et al. 2017;
+    DDPM): with :math:`d = \lfloor D/2 \rfloor` and :math:`\omega_i = M^{-i/(d-1)}`,
+
+    .. math::  e(t) = [\sin(\omega_0 t), \dots, \sin(\omega_{d-1} t),
+                       \cos(\omega_0 t), \dots, \cos(\omega_{d-1} t)]
+
+    (zero-padded to ``embedding_dim`` if odd). Returns float32 ``(B, embedding_dim)``.
+    """
+    half_dim = embedding_dim // 2
+    frequencies = jnp.exp(
+        -math.log(max_positions) / (half_dim - 1) * jnp.arange(half_dim, dtype=jnp.float32)
+    )
+    angles = timesteps.astype(jnp.float32)[:, None] * frequencies[None, :]
+    embedding = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
+    if embedding_dim % 2 == 1:
+        embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
+    return embedding
+
+
+class GaussianFourierProjection(nn.Module):
+    r"""Random Fourier features of a scalar (Tancik et al. 2020; Song et al. 2021, app. H):
+
+    .. math::  e(s) = [\sin(2\pi W s), \cos(2\pi W s)],\qquad W \sim \mathcal N(0, \sigma^2 I)
+
+    with :math:`W \in \mathbb R^{\text{embedding\_size}}`, :math:`\sigma` = ``scale``
+    (16 in NCSN++), giving ``2 * embedding_size`` features. :math:`W` is not trained (a
+    buffer in the reference PyTorch code): here it is a constant drawn from a fixed seed,
+    part of the architecture, and it is *not* in ``params`` nor in the parameter count.
+    """
+
+    embedding_size: int = 256
+    scale: float = 1.0
+    seed: int = 0
+
+    def __call__(self, s: jax.Array) -> jax.Array:
+        rng = np.random.default_rng(self.seed)
+        W = (rng.standard_normal(self.embedding_size) * self.scale).astype(np.float32)
+        s_proj = s.astype(jnp.float32)[:, None] * W[None, :] * (2 * np.pi)
+        return jnp.concatenate([jnp.sin(s_proj), jnp.cos(s_proj)], axis=-1)
+
+
+# ------------------------------------------------------------------ normalisation, attention
+
+
+def group_norm(x: jax.Array, num_groups: int | None = None, dtype: Dtype = jnp.float32):
+    """Group normalisation (Wu & He 2018) with a learnt scale and shift; ``num_groups=None``
+    means the reference's ``min(C // 4, 32)``. Statistics are computed in float32. Call
+    inside a compact method (it creates an ``nn.GroupNorm`` submodule)."""
+    groups = num_groups if num_groups is not None else min(x.shape[-1] // 4, 32)
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype)(x)
+
+
+class AttnBlock(nn.Module):
+    r"""Single-head self-attention over the pixels (DDPM; the ``AttnBlockpp`` of NCSN++):
+
+    .. math::  h = \mathrm{GN}(x),\quad q, k, v = W_q h, W_k h, W_v h,\quad
+               a = \mathrm{softmax}_{j}\big(q_i^\top k_j / \sqrt C\big),\quad
+               o_i = W_o \textstyle\sum_j a_{ij} v_j,
+
+    returning :math:`x + o` (or :math:`(x + o)/\sqrt2` with ``skip_rescale``). The
+    projections are 1x1 convolutions (NIN); :math:`W_q, W_k, W_v` are initialised with
+    scale ``NIN_INIT_SCALE`` (0.1, the reference's NIN default) and :math:`W_o` with
+    ``init_scale``.
+    DDPM's block is ``num_groups=32, skip_rescale=False, init_scale=0``. The softmax is
+    taken in float32.
+    """
+
+    num_groups: int | None = None
+    skip_rescale: bool = False
+    init_scale: float = 0.0
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, H, W, C = x.shape
+        nin = functools.partial(Conv, C, kernel_size=1, dtype=self.dtype, conv_impl=self.conv_impl)
+        h = group_norm(x, self.num_groups, self.dtype)
+        q, k, v = (nin(init_scale=NIN_INIT_SCALE)(h) for _ in range(3))
+        logits = jnp.einsum("bhwc,bHWc->bhwHW", q, k).astype(jnp.float32) * C**-0.5
+        weights = jax.nn.softmax(logits.reshape(B, H, W, H * W), axis=-1)
+        weights = weights.reshape(B, H, W, H, W).astype(self.dtype)
+        h = jnp.einsum("bhwHW,bHWc->bhwc", weights, v)
+        h = nin(init_scale=self.init_scale)(h)
+        return (x + h) * SKIP_SCALE if self.skip_rescale else x + h
+
+
+class Combine(nn.Module):
+    """Combine a skip input ``x`` with ``y`` (NCSN++'s input-skip pyramid): ``x`` is mapped
+    by a 1x1 convolution to ``y``'s channels, then summed with or concatenated to ``y``."""
+
+    method: str = "cat"
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        check_option("progressive_combine", self.method, ("sum", "cat"))
+        h = Conv(y.shape[-1], kernel_size=1, dtype=self.dtype, conv_impl=self.conv_impl)(x)
+        return h + y if self.method == "sum" else jnp.concatenate([h, y], axis=-1)
+
+
+# -------------------------------------------------------------------------- residual blocks
+
+
+def _add_time_embedding(h, temb, act, dtype):
+    # The time (and label) embedding, projected to the block's channels, added per channel.
+    if temb is None:
+        return h
+    projection = nn.Dense(h.shape[-1], kernel_init=default_init(), dtype=dtype)(act(temb))
+    return h + projection[:, None, None, :]
+
+
+class ResnetBlockDDPMpp(nn.Module):
+    r"""The residual block of DDPM (Ho et al. 2020), as used by DDPM++ (``resblock_type
+    'ddpm'``):
+
+    .. math::  h = W_2 * \mathrm{drop}(\mathrm{act}(\mathrm{GN}(W_1 * \mathrm{act}(\mathrm{GN}(x))
+               + V\,\mathrm{act}(e)))),\qquad \text{out} = S x + h
+
+    (or :math:`(Sx + h)/\sqrt 2` with ``skip_rescale``), :math:`e` the time embedding,
+    :math:`W_2` initialised with ``init_scale`` and :math:`S` the identity, or a 1x1 (a 3x3
+    with ``conv_shortcut``) convolution when the channels change; the 1x1 is the reference's
+    NIN, initialised with scale ``NIN_INIT_SCALE`` (0.1). Ho et al.'s block is
+    ``num_groups=32, skip_rescale=False, init_scale=0``.
+    """
+
+    act: Callable[[jax.Array], jax.Array] = nn.swish
+    out_ch: int | None = None
+    conv_shortcut: bool = False
+    dropout: float = 0.1
+    skip_rescale: bool = False
+    init_scale: float = 0.0
+    num_groups: int | None = None
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, temb: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        C = x.shape[-1]
+        out_ch = self.out_ch or C
+        conv = functools.partial(Conv, out_ch, dtype=self.dtype, conv_impl=self.conv_impl)
+        h = self.act(group_norm(x, self.num_groups, self.dtype))
+        h = conv()(h)
+        h = _add_time_embedding(h, temb, self.act, self.dtype)
+        h = self.act(group_norm(h, self.num_groups, self.dtype))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv(init_scale=self.init_scale)(h)
+        if C != out_ch:
+            if self.conv_shortcut:
+                x = conv(kernel_size=3)(x)
+            else:
+                x = conv(kernel_size=1, init_scale=NIN_INIT_SCALE)(x)
+        return (x + h) * SKIP_SCALE if self.skip_rescale else x + h
+
+
+class ResnetBlockBigGANpp(nn.Module):
+    r"""The BigGAN-type residual block of NCSN++/DDPM++ (Brock et al. 2019; Song et al.
+    2021, app. H), which can also up- or down-sample by 2 (``up``/``down``): the
+    resampling (FIR if ``fir``, else nearest/average) is applied to both branches after
+    the first normalisation,
+
+    .. math::  h = W_2 * \mathrm{drop}(\mathrm{act}(\mathrm{GN}(W_1 * R(\mathrm{act}(\mathrm{GN}(x)))
+               + V\,\mathrm{act}(e)))),\qquad \text{out} = (S R(x) + h) / \sqrt 2
+
+    (without :math:`1/\sqrt 2` unless ``skip_rescale``), :math:`S` a 1x1 convolution when
+    the channels change or the block resamples, else the identity.
+    """
+
+    act: Callable[[jax.Array], jax.Array] = nn.swish
+    up: bool = False
+    down: bool = False
+    out_ch: int | None = None
+    dropout: float = 0.1
+    fir: bool = False
+    fir_kernel: Sequence[float] = (1, 3, 3, 1)
+    skip_rescale: bool = True
+    init_scale: float = 0.0
+    dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, temb: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        C = x.shape[-1]
+        out_ch = self.out_ch or C
+        conv = functools.partial(Conv, out_ch, dtype=self.dtype, conv_impl=self.conv_impl)
+        h = self.act(group_norm(x, dtype=self.dtype))
+        if self.up:
+            resample = (
+                functools.partial(upsample_2d, fir_kernel=self.fir_kernel)
+                if self.fir
+                else naive_upsample_2d
+            )
+            h, x = resample(h), resample(x)
+        elif self.down:
+            resample = (
+                functools.partial(downsample_2d, fir_kernel=self.fir_kernel)
+                if self.fir
+                else naive_downsample_2d
+            )
+            h, x = resample(h), resample(x)
+        h = conv()(h)
+        h = _add_time_embedding(h, temb, self.act, self.dtype)
+        h = self.act(group_norm(h, dtype=self.dtype))
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = conv(init_scale=self.init_scale)(h)
+        if C != out_ch or self.up or self.down:
+            x = conv(kernel_size=1)(x)
+        return (x + h) * SKIP_SCALE if self.skip_rescale else x + h
