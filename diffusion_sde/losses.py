@@ -18,10 +18,15 @@ the sum over data dimensions is halved, as in the 2021 reference.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
+from diffusion_sde.models import get_score_fn
 from diffusion_sde.sde import SDE, VESDE, VPSDE, ScoreFn, batch_broadcast
 
 
@@ -142,3 +147,107 @@ def smld_loss(
 ) -> jax.Array:
     """Batch mean of :func:`smld_losses`."""
     return jnp.mean(smld_losses(key, vesde, score_fn, x, reduce_mean=reduce_mean))
+
+
+# --- The training step -------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue: the step, parameters, their EMA, the
+    optimizer state and the run's base PRNG key (step keys are ``fold_in(key, step)``)."""
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def get_loss_fn(
+    sde: SDE,
+    model: nn.Module,
+    *,
+    continuous: bool = True,
+    reduce_mean: bool = False,
+    likelihood_weighting: bool = False,
+    train: bool = True,
+    eps: float = 1e-5,
+) -> Callable[[Any, jax.Array, dict], jax.Array]:
+    """``loss_fn(params, key, batch) -> scalar`` for a network, as the config asks.
+
+    Continuous training uses :func:`dsm_loss` through ``models.get_score_fn``; discrete
+    training uses :func:`ddpm_loss` (VP) or :func:`smld_loss` (VE) with the network fed
+    the integer step / noise-level label. ``batch["label"]`` conditions class-conditional
+    networks (``model.config.num_classes > 0``).
+    """
+    if not continuous and not isinstance(sde, VPSDE | VESDE):
+        raise ValueError(
+            f"Discrete training (training.continuous=False) is defined for VPSDE (DDPM) and "
+            f"VESDE (SMLD), not {type(sde).__name__}; use training.continuous=True."
+        )
+    conditional = getattr(getattr(model, "config", None), "num_classes", 0) > 0
+
+    def loss_fn(params, key, batch):
+        key_loss, key_dropout = jax.random.split(key)
+        variables = {"params": params}
+        class_labels = batch["label"] if conditional else None
+        rngs = {"dropout": key_dropout} if train else {}
+        if continuous:
+            score_fn = get_score_fn(
+                sde,
+                model,
+                variables,
+                continuous=True,
+                train=train,
+                dropout_key=key_dropout if train else None,
+                class_labels=class_labels,
+            )
+            return dsm_loss(
+                key_loss,
+                sde,
+                score_fn,
+                batch["x"],
+                likelihood_weighting=likelihood_weighting,
+                reduce_mean=reduce_mean,
+                eps=eps,
+            )
+
+        def network(x, labels):
+            return model.apply(
+                variables, x, labels.astype(jnp.float32), y=class_labels, train=train, rngs=rngs
+            )
+
+        loss = ddpm_loss if isinstance(sde, VPSDE) else smld_loss
+        return loss(key_loss, sde, network, batch["x"], reduce_mean=reduce_mean)
+
+    return loss_fn
+
+
+def get_step_fn(
+    loss_fn: Callable[[Any, jax.Array, dict], jax.Array],
+    optimizer: optax.GradientTransformation,
+    ema_rate: float,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    r"""One optimisation step ``step_fn(state, batch) -> (state, metrics)``.
+
+    Gradients of ``loss_fn`` at the step key ``fold_in(state.key, state.step)``, an optax
+    update, and the parameter EMA :math:`\bar\theta \leftarrow r \bar\theta + (1 - r)\theta`
+    with ``r = ema_rate``. Pure: under ``jax.jit`` with a sharded batch, XLA inserts the
+    cross-device gradient mean.
+    """
+
+    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(state.key, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, key, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = jax.tree.map(
+            lambda ema, p: ema_rate * ema + (1.0 - ema_rate) * p, state.ema_params, params
+        )
+        new_state = state.replace(
+            step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+        )
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    return step_fn

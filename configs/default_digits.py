@@ -1,0 +1,105 @@
+"""Defaults shared by the ``digits`` configs (``configs/digits_*.py``): scikit-learn's
+bundled 8x8 handwritten digits (1,797 images, 17 grey levels, labels kept for
+class-conditional work), a small DDPM++ U-Net, and a training run that fits in a few
+minutes on a 2-core laptop CPU. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_default_configs() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+
+    config.training = training = ml_collections.ConfigDict()
+    training.sde = "vpsde"
+    training.batch_size = 128
+    training.n_iters = 3000
+    training.snapshot_freq = 1000
+    training.snapshot_freq_for_preemption = 250
+    training.log_freq = 50
+    training.eval_freq = 250
+    training.snapshot_sampling = True
+    training.snapshot_num_samples = 100
+    training.likelihood_weighting = False
+    training.continuous = True
+    training.reduce_mean = True
+    training.n_jitted_steps = 5
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "pc"
+    sampling.predictor = "reverse_diffusion"
+    sampling.corrector = "langevin"
+    sampling.n_steps_each = 1
+    sampling.noise_removal = True
+    sampling.probability_flow = False
+    sampling.snr = 0.16
+    sampling.num_steps = 500
+    sampling.ode_method = "dpm_solver_3"
+    sampling.rtol = 1e-5
+    sampling.atol = 1e-5
+
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.batch_size = 297  # the whole test split in one batch
+    evaluate.num_samples = 1000
+    evaluate.enable_loss = True
+    evaluate.enable_bpd = True
+    evaluate.bpd_num_batches = 1
+    evaluate.bpd_dataset = "test"
+    evaluate.rtol = 1e-5
+    evaluate.atol = 1e-5
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "digits"
+    data.image_size = 8
+    data.num_channels = 1
+    data.centered = ml_collections.FieldReference(True)
+    data.random_flip = False  # digits are not mirror-symmetric
+    data.uniform_dequantization = False
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "ncsnpp"  # DDPM++ options below
+    model.nf = 32
+    model.ch_mult = (1, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (4,)
+    model.dropout = 0.1
+    model.resamp_with_conv = True
+    model.conditional = True
+    model.fir = False
+    model.fir_kernel = [1, 3, 3, 1]
+    model.skip_rescale = True
+    model.resblock_type = "biggan"
+    model.progressive = "none"
+    model.progressive_input = "none"
+    model.progressive_combine = "sum"
+    model.attention_type = "ddpm"
+    model.embedding_type = "positional"
+    model.fourier_scale = 16
+    model.init_scale = 0.0
+    model.scale_by_sigma = False
+    model.nonlinearity = "swish"
+    model.normalization = "GroupNorm"
+    model.conv_size = 3
+    model.ema_rate = 0.999
+    model.dtype = "float32"
+    model.conv_impl = "auto"
+    model.num_classes = 0
+    model.centered = data.get_ref("centered")
+    model.sigma_min = 0.01
+    model.sigma_max = 10.0  # about the largest distance between two digits in [0, 1]^64
+    model.num_scales = 1000
+    model.beta_min = 0.1
+    model.beta_max = 20.0
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "Adam"
+    optim.lr = 2e-3
+    optim.beta1 = 0.9
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+    optim.warmup = 200
+    optim.grad_clip = 1.0
+    return config

@@ -1,0 +1,276 @@
+"""Training end to end: sharding, multi-process, resume after SIGKILL, outputs, bad configs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import toy_2d_vp
+from diffusion_sde import evaluate, losses, train
+from diffusion_sde.models import get_model
+from diffusion_sde.sde import get_sde
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def tiny_config(**training):
+    config = toy_2d_vp.get_config()
+    config.model.nf = 16
+    config.model.num_layers = 1
+    config.training.update(
+        batch_size=64,
+        n_iters=20,
+        n_jitted_steps=5,
+        snapshot_freq=10,
+        snapshot_freq_for_preemption=10,
+        log_freq=5,
+        eval_freq=10,
+        snapshot_num_samples=16,
+    )
+    config.training.update(training)
+    config.sampling.num_steps = 25
+    return config
+
+
+TINY_OVERRIDES = [
+    "--config.model.nf=16",
+    "--config.model.num_layers=1",
+    "--config.training.batch_size=64",
+    "--config.training.n_jitted_steps=5",
+    "--config.training.snapshot_freq_for_preemption=10",
+    "--config.training.log_freq=5",
+    "--config.training.eval_freq=10",
+    "--config.training.snapshot_num_samples=16",
+    "--config.sampling.num_steps=25",
+]
+
+
+def test_one_step_on_eight_devices_equals_one_device():
+    assert jax.device_count() == 8
+    config = tiny_config()
+    config.optim.warmup = 0  # a full-size first step
+    sde, model = get_sde(config), get_model(config.model)
+    optimizer = train.get_optimizer(config.optim)
+    state = train.create_train_state(
+        jax.random.PRNGKey(0), model=model, optimizer=optimizer, data_shape=(2,), conditional=False
+    )
+    step_fn = losses.get_step_fn(losses.get_loss_fn(sde, model, reduce_mean=True), optimizer, 0.9)
+    batch = {
+        "x": jax.random.normal(jax.random.PRNGKey(1), (64, 2)),
+        "label": jnp.zeros((64,), jnp.int32),
+    }
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = Mesh(np.asarray(devices), ("data",))
+        replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        step = jax.jit(step_fn, in_shardings=(replicated, sharded), out_shardings=replicated)
+        results.append(step(jax.device_put(state, replicated), jax.device_put(batch, sharded)))
+    (state_1, metrics_1), (state_8, metrics_8) = results
+    np.testing.assert_allclose(metrics_1["loss"], metrics_8["loss"], rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        state_1.params,
+        state_8.params,
+    )
+    # The step moved the parameters (the comparison is not between two untouched copies).
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, state_8.params)
+    assert max(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_train_and_evaluate_writes_its_workdir(tmp_path):
+    config = tiny_config()
+    state = train.train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 20
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "10",
+        "20",
+    ]
+    assert (tmp_path / "samples" / "step_00000020.png").stat().st_size > 1000
+    samples = np.load(tmp_path / "samples" / "step_00000020.npz")["samples"]
+    assert samples.shape == (16, 2) and np.all(np.isfinite(samples))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20]
+    assert all(np.isfinite(r["loss"]) and r["steps_per_sec"] > 0 for r in train_records)
+    assert any("eval_loss" in r for r in records)
+    assert json.loads((tmp_path / "config.json").read_text())["training"]["n_iters"] == 20
+    assert list((tmp_path / "tensorboard").iterdir())
+    # Running the same command again finds the run complete and changes nothing.
+    again = train.train_and_evaluate(config, tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, state.params, again.params)
+
+
+def test_non_finite_loss_stops_with_step_range_and_keeps_checkpoint(tmp_path):
+    config = tiny_config(n_iters=20)
+    train.train_and_evaluate(config, tmp_path)  # a good checkpoint at step 20
+    bad = tiny_config(n_iters=40)
+    bad.optim.lr = 1e30
+    with pytest.raises(FloatingPointError, match=r"steps \d+\.\.\d+.*step 20"):
+        train.train_and_evaluate(bad, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 20
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path):
+    config = tiny_config(n_iters=20)
+    finished = train.train_and_evaluate(config, tmp_path)
+    for path in (tmp_path / "checkpoints" / "20").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"garbage")
+    resumed = train.train_and_evaluate(config, tmp_path)  # restores 10, retrains 10..20
+    jax.tree.map(np.testing.assert_array_equal, finished.params, resumed.params)
+    assert len(list((tmp_path / "checkpoints_unreadable").iterdir())) == 1
+
+
+def test_checkpoint_of_another_config_is_refused_not_overwritten(tmp_path):
+    train.train_and_evaluate(tiny_config(n_iters=10), tmp_path)
+    other = tiny_config(n_iters=20)
+    other.model.nf = 32
+    with pytest.raises(ValueError, match="do not fit this config"):
+        train.train_and_evaluate(other, tmp_path)
+    assert (tmp_path / "checkpoints" / "10").exists()
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("training.sde", "vpsd", "valid"),
+        ("model.name", "unet9", "valid"),
+        ("sampling.predictor", "heun_ish", "valid"),
+        ("data.dataset", "cifar100000", "valid"),
+        ("training.batch_size", 60, "does not divide over 8 devices"),
+    ],
+)
+def test_bad_configs_fail_at_start_up(tmp_path, field, value, message):
+    config = tiny_config()
+    group, name = field.split(".")
+    config[group][name] = value
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not any(
+        p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir()
+    )
+
+
+def _run_main(workdir, n_iters, *, env_extra=None, wait=True):
+    command = [
+        sys.executable,
+        "-m",
+        "diffusion_sde.main",
+        "--config=configs/toy_2d_vp.py",
+        f"--workdir={workdir}",
+        f"--config.training.n_iters={n_iters}",
+        "--config.training.snapshot_freq=1000",
+        *TINY_OVERRIDES,
+    ]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"), **(env_extra or {}))
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    if wait:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+    return process
+
+
+def _final_params(workdir):
+    """(step, params) of the newest checkpoint, restored as evaluation does."""
+    _, _, state = evaluate.load_trained(tiny_config(), workdir)
+    return int(state.step), state.params
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    n_iters = 60
+    _run_main(tmp_path / "straight", n_iters)
+    killed = tmp_path / "killed"
+    process = _run_main(killed, n_iters, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        steps = [p.name for p in (killed / "checkpoints").glob("*") if p.name.isdigit()]
+        if any(int(s) >= 20 for s in steps) or process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _run_main(killed, n_iters)
+    (step_a, a), (step_b, b) = _final_params(tmp_path / "straight"), _final_params(killed)
+    assert step_a == step_b == n_iters
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+WORKER = """
+import sys, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_num_cpu_devices", 2)
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+sys.argv = sys.argv[:1] + sys.argv[3:]
+from absl import app
+from diffusion_sde import main
+app.run(main.main)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_one(tmp_path):
+    """Two processes x 2 CPU devices, joined by jax.distributed, each reading half of
+    every batch, train as one process with 4 devices does."""
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    args = [
+        "--config=configs/toy_2d_vp.py",
+        "--config.training.n_iters=20",
+        "--config.training.snapshot_freq=1000",
+        *TINY_OVERRIDES,
+    ]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"))
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                f"localhost:{port}",
+                str(rank),
+                f"--workdir={tmp_path / 'multi'}",
+                *args,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=400)
+        assert worker.returncode == 0, stderr[-3000:]
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, jax; jax.config.update('jax_num_cpu_devices', 4); "
+            "from absl import app; from diffusion_sde import main; app.run(main.main)",
+            f"--workdir={tmp_path / 'single'}",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    (_, a), (_, b) = _final_params(tmp_path / "multi"), _final_params(tmp_path / "single")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
