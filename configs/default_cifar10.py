@@ -33,6 +33,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     # Produce samples at each snapshot.
     training.snapshot_sampling = True
     training.likelihood_weighting = False
+    training.label_dropout = 0.0  # > 0: drop class labels for classifier-free guidance
     training.continuous = True
     training.reduce_mean = False
     training.n_jitted_steps = 5
@@ -55,6 +56,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.enable_loss = True
     evaluate.enable_bpd = False
     evaluate.bpd_dataset = "test"
+    evaluate.bpd_num_passes = 5  # passes with fresh dequantisation noise and probes
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "cifar10"

@@ -24,6 +24,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.snapshot_sampling = True
     training.snapshot_num_samples = 100
     training.likelihood_weighting = False
+    training.label_dropout = 0.0  # > 0: drop class labels for classifier-free guidance
     training.continuous = True
     training.reduce_mean = True
     training.n_jitted_steps = 5
@@ -48,6 +49,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.enable_bpd = True
     evaluate.bpd_num_batches = 1
     evaluate.bpd_dataset = "test"
+    evaluate.bpd_num_passes = 1  # passes with fresh dequantisation noise and probes
     evaluate.rtol = 1e-5
     evaluate.atol = 1e-5
 

@@ -59,79 +59,101 @@ def load_trained(config, workdir: str | pathlib.Path):
     return get_sde(config), model, state
 
 
-def evaluate_likelihood(config, sde, model, params, *, key, num_batches=None) -> dict:
+def evaluate_likelihood(
+    config, sde, model, params, *, key, num_batches=None, num_passes=1, cache_dir=None
+) -> dict:
     """Bits/dim (image data) or nats/dim (continuous toy data) on the evaluation split.
 
     Image data are mapped back to integer pixels ``n = round(x * (L - 1))`` (``x`` in
     [0, 1]) and scored with :func:`likelihood.bits_per_dim` (uniform dequantisation, the
-    change-of-variables offset of the data scaling). Returns the mean, its standard error
-    over examples, the number of examples and the mean NFE.
+    change-of-variables offset of the data scaling). ``num_passes`` passes over the data
+    draw fresh dequantisation noise and Hutchinson probes (the 2021 reference's
+    ``num_repeats``). With ``cache_dir`` every finished (pass, batch) is saved there and
+    skipped when the evaluation is run again, so a killed evaluation resumes.
+
+    Returns the mean over passes and examples; its standard error over examples (of each
+    example's mean over passes, since the passes of one example are not independent); the
+    mean of each pass; the number of examples and the mean NFE.
     """
+    from tqdm.auto import tqdm
+
     levels = data_lib.num_levels(config.data)
     inverse_scaler = data_lib.get_data_inverse_scaler(config.data)
     score_fn = get_score_fn(sde, model, {"params": params}, continuous=config.training.continuous)
     centered = bool(config.data.centered)
     evaluation = config.eval
+    tolerances = dict(rtol=evaluation.get("rtol", 1e-5), atol=evaluation.get("atol", 1e-5))
 
     @jax.jit
     def per_example(key, x):
         if levels is None:
-            logp, _, nfe = likelihood.log_likelihood(
-                key,
-                sde,
-                score_fn,
-                x,
-                rtol=evaluation.get("rtol", 1e-5),
-                atol=evaluation.get("atol", 1e-5),
-            )
+            logp, _, nfe = likelihood.log_likelihood(key, sde, score_fn, x, **tolerances)
             return -logp / math.prod(x.shape[1:]), nfe
         pixels = jnp.round(inverse_scaler(x) * (levels - 1))
         return likelihood.bits_per_dim(
-            key,
-            sde,
-            score_fn,
-            pixels,
-            centered=centered,
-            num_levels=levels,
-            rtol=evaluation.get("rtol", 1e-5),
-            atol=evaluation.get("atol", 1e-5),
+            key, sde, score_fn, pixels, centered=centered, num_levels=levels, **tolerances
         )
 
-    batches = data_lib.get_dataset(
-        config.data,
-        batch_size=evaluation.batch_size,
-        split=evaluation.get("bpd_dataset", "test"),
-        seed=config.seed,
-        evaluation=True,
-    )
-    values, nfes = [], []
-    for index, batch in enumerate(batches):
-        if num_batches is not None and index >= num_batches:
-            break
-        value, nfe = per_example(jax.random.fold_in(key, index), jnp.asarray(batch["x"]))
-        value = np.asarray(value)
-        if "mask" in batch:
-            value = value[np.asarray(batch["mask"], bool)]
-        values.append(value)
-        nfes.append(int(nfe))
-    values = np.concatenate(values)
-    unit = "nats_per_dim" if levels is None else "bits_per_dim"
+    def batches():
+        iterator = data_lib.get_dataset(
+            config.data,
+            batch_size=evaluation.batch_size,
+            split=evaluation.get("bpd_dataset", "test"),
+            seed=config.seed,
+            evaluation=True,
+        )
+        for index, batch in enumerate(iterator):
+            if num_batches is not None and index >= num_batches:
+                return
+            yield index, batch
+
+    if cache_dir is not None:
+        cache_dir = pathlib.Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    passes, nfes = [], []
+    for pass_index in range(num_passes):
+        values = []
+        progress = tqdm(batches(), desc=f"bpd pass {pass_index + 1}/{num_passes}", unit="batch")
+        for index, batch in progress:
+            path = None if cache_dir is None else cache_dir / f"pass_{pass_index}_{index:05d}.npz"
+            if path is not None and path.exists():
+                with np.load(path) as saved:
+                    value, nfe = saved["value"], int(saved["nfe"])
+            else:
+                batch_key = jax.random.fold_in(jax.random.fold_in(key, pass_index), index)
+                value, nfe = per_example(batch_key, jnp.asarray(batch["x"]))
+                value, nfe = np.asarray(value), int(nfe)
+                if "mask" in batch:
+                    value = value[np.asarray(batch["mask"], bool)]
+                if path is not None:
+                    plotting.save_npz(path, value=value, nfe=nfe)
+            values.append(value)
+            nfes.append(nfe)
+            progress.set_postfix(mean=f"{np.concatenate(values).mean():.4f}", nfe=nfe)
+        passes.append(np.concatenate(values))
+    per_example_mean = np.mean(passes, axis=0)
+    count = len(per_example_mean)
     return {
-        "unit": unit,
-        "mean": float(values.mean()),
-        "standard_error": float(values.std(ddof=1) / np.sqrt(len(values)))
-        if len(values) > 1
+        "unit": "nats_per_dim" if levels is None else "bits_per_dim",
+        "mean": float(per_example_mean.mean()),
+        "standard_error": float(per_example_mean.std(ddof=1) / np.sqrt(count))
+        if count > 1
         else None,
-        "num_examples": int(len(values)),
+        "pass_means": [float(values.mean()) for values in passes],
+        "num_examples": int(count),
+        "num_passes": int(num_passes),
         "mean_nfe": float(np.mean(nfes)),
     }
 
 
 def evaluate(config, workdir: str | pathlib.Path) -> dict:
-    """``--mode=eval``: likelihood of the newest checkpoint's EMA parameters."""
+    """``--mode=eval``: likelihood of the newest checkpoint's EMA parameters, written to
+    ``workdir/eval/bpd_step_<step>.json``; finished batches are kept in
+    ``workdir/eval/bpd_step_<step>/`` so that a killed evaluation resumes."""
     workdir = pathlib.Path(workdir)
     sde, model, state = load_trained(config, workdir)
     step = int(state.step)
+    stem = workdir / "eval" / f"bpd_step_{step:08d}"
     result = evaluate_likelihood(
         config,
         sde,
@@ -139,23 +161,18 @@ def evaluate(config, workdir: str | pathlib.Path) -> dict:
         state.ema_params,
         key=jax.random.PRNGKey(config.seed + 3),
         num_batches=config.eval.get("bpd_num_batches", None),
+        num_passes=config.eval.get("bpd_num_passes", 1),
+        cache_dir=stem,
     )
     result["step"] = step
-    (workdir / "eval").mkdir(parents=True, exist_ok=True)
-    path = workdir / "eval" / f"bpd_step_{step:08d}.json"
+    path = stem.with_suffix(".json")
     path.write_text(json.dumps(result, indent=2) + "\n")
-    logging.info(
-        "Step %d: %s = %.4f (± %s) over %d examples -> %s",
-        step,
-        result["unit"],
-        result["mean"],
-        result["standard_error"],
-        result["num_examples"],
-        path,
-    )
+    standard_error = result["standard_error"] or float("nan")
+    logging.info("Step %d: %s -> %s", step, result, path)
     print(
-        f"{result['unit']}: {result['mean']:.4f} ± {result['standard_error']:.4f} "
-        f"({result['num_examples']} examples, step {step}, mean NFE {result['mean_nfe']:.0f})"
+        f"{result['unit']}: {result['mean']:.4f} ± {standard_error:.4f} "
+        f"({result['num_examples']} examples x {result['num_passes']} passes, step {step}, "
+        f"mean NFE {result['mean_nfe']:.0f}) -> {path}"
     )
     return result
 

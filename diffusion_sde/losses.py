@@ -152,6 +152,9 @@ def smld_loss(
 # --- The training step -------------------------------------------------------------------
 
 
+LABEL_DROPOUT_STREAM = 7  # fold_in index of the label-dropout key within a step's key
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a run needs to continue: the step, parameters, their EMA, the
@@ -173,25 +176,43 @@ def get_loss_fn(
     likelihood_weighting: bool = False,
     train: bool = True,
     eps: float = 1e-5,
+    label_dropout: float = 0.0,
 ) -> Callable[[Any, jax.Array, dict], jax.Array]:
     """``loss_fn(params, key, batch) -> scalar`` for a network, as the config asks.
 
     Continuous training uses :func:`dsm_loss` through ``models.get_score_fn``; discrete
     training uses :func:`ddpm_loss` (VP) or :func:`smld_loss` (VE) with the network fed
     the integer step / noise-level label. ``batch["label"]`` conditions class-conditional
-    networks (``model.config.num_classes > 0``).
+    networks (``model.config.num_classes > 0``); with ``label_dropout`` > 0 (and ``train``)
+    each label is replaced by the null label ``num_classes`` with that probability, so the
+    one network learns the conditional and the unconditional score, as classifier-free
+    guidance needs (Ho & Salimans 2022).
     """
     if not continuous and not isinstance(sde, VPSDE | VESDE):
         raise ValueError(
             f"Discrete training (training.continuous=False) is defined for VPSDE (DDPM) and "
             f"VESDE (SMLD), not {type(sde).__name__}; use training.continuous=True."
         )
-    conditional = getattr(getattr(model, "config", None), "num_classes", 0) > 0
+    num_classes = getattr(getattr(model, "config", None), "num_classes", 0)
+    conditional = num_classes > 0
+    if not 0.0 <= label_dropout < 1.0:
+        raise ValueError(f"training.label_dropout must be in [0, 1), got {label_dropout}")
+    if label_dropout > 0 and not conditional:
+        raise ValueError(
+            "training.label_dropout > 0 needs a class-conditional model: set "
+            "model.num_classes to the number of classes of the data."
+        )
 
     def loss_fn(params, key, batch):
         key_loss, key_dropout = jax.random.split(key)
         variables = {"params": params}
         class_labels = batch["label"] if conditional else None
+        if conditional and train and label_dropout > 0:
+            # A key of its own, so that label dropout leaves the other draws unchanged.
+            dropped = jax.random.bernoulli(
+                jax.random.fold_in(key, LABEL_DROPOUT_STREAM), label_dropout, class_labels.shape
+            )
+            class_labels = jnp.where(dropped, num_classes, class_labels)
         rngs = {"dropout": key_dropout} if train else {}
         if continuous:
             score_fn = get_score_fn(

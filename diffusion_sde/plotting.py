@@ -61,9 +61,20 @@ def save_samples(samples: np.ndarray, path_stem: str | pathlib.Path, *, title: s
     """Save samples as ``<stem>.npz`` and a picture ``<stem>.png``: an image grid for
     ``(B, H, W, C)`` data in [0, 1], a scatter plot for ``(B, 2)`` data."""
     path_stem = pathlib.Path(path_stem)
-    np.savez_compressed(path_stem.with_suffix(".npz"), samples=samples)
+    # The picture first, then the arrays (atomically): a resumed run takes a shard whose
+    # .npz exists as done.
     if samples.ndim == 4:
         upscale = max(1, 64 // samples.shape[1])
         save_image_grid(samples, path_stem.with_suffix(".png"), upscale=upscale)
     elif samples.ndim == 2 and samples.shape[1] == 2:
         save_scatter(samples, path_stem.with_suffix(".png"), title=title)
+    save_npz(path_stem.with_suffix(".npz"), samples=samples)
+
+
+def save_npz(path: str | pathlib.Path, **arrays: np.ndarray) -> None:
+    """``np.savez_compressed`` under a temporary name, then renamed into place: a killed
+    run never leaves a half-written file that a resumed one would take as finished."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(temporary, **arrays)
+    temporary.replace(path)

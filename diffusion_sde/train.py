@@ -257,6 +257,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     optimizer = get_optimizer(config.optim)
     data_shape = data_lib.data_shape(config.data)
     conditional = config.model.get("num_classes", 0) > 0
+    data_classes = data_lib.num_classes(config.data)
+    if conditional and config.model.num_classes != data_classes:
+        has = f"has {data_classes} classes" if data_classes else "has no class labels"
+        raise ValueError(
+            f"model.num_classes={config.model.num_classes} but {config.data.dataset} {has}; "
+            "set model.num_classes to the number of classes, or 0 for an unconditional model."
+        )
     sample_shape = (int(training.get("snapshot_num_samples", 64)), *data_shape)
     sampler = sampling.get_sampler(config.sampling, sde, sample_shape)  # validates names now
 
@@ -290,6 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         continuous=training.continuous,
         reduce_mean=training.reduce_mean,
         likelihood_weighting=training.likelihood_weighting,
+        label_dropout=training.get("label_dropout", 0.0),
     )
     step_fn = losses.get_step_fn(loss_fn, optimizer, config.model.ema_rate)
 

@@ -164,3 +164,48 @@ def test_smld_loss_minimised_by_exact_score():
         return losses.smld_losses(key, sde, score_fn, x)
 
     check_minimum_at_one(per_example_loss)
+
+
+class _NullLabelProbe:
+    """A stand-in network whose noise prediction is 1 where the label is the null label."""
+
+    class config:  # noqa: N801 - mimics ``model.config``
+        num_classes = 10
+
+    def apply(self, variables, x, time_cond, y=None, train=False, rngs=None):
+        dropped = (y == self.config.num_classes).astype(x.dtype)
+        return jnp.broadcast_to(dropped[:, None], x.shape)
+
+
+@pytest.mark.parametrize("label_dropout", [0.0, 0.3])
+def test_label_dropout_replaces_that_fraction_of_labels_by_the_null_label(label_dropout):
+    """DDPM loss of the probe: E||1{dropped} - z||^2 = p + 1 per dimension."""
+    loss_fn = losses.get_loss_fn(
+        VPSDE(),
+        _NullLabelProbe(),
+        continuous=False,
+        reduce_mean=True,
+        label_dropout=label_dropout,
+    )
+    batch = {"x": jnp.zeros((40_000, 1)), "label": jnp.arange(40_000) % 10}
+    loss = float(loss_fn({}, jax.random.key(0), batch))
+    np.testing.assert_allclose(loss, 1.0 + label_dropout, atol=0.03)
+    # Evaluation (train=False) never drops labels.
+    eval_fn = losses.get_loss_fn(
+        VPSDE(),
+        _NullLabelProbe(),
+        continuous=False,
+        reduce_mean=True,
+        train=False,
+        label_dropout=label_dropout,
+    )
+    np.testing.assert_allclose(float(eval_fn({}, jax.random.key(0), batch)), 1.0, atol=0.03)
+
+
+def test_label_dropout_needs_a_conditional_model_and_a_probability():
+    probe = _NullLabelProbe()
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        losses.get_loss_fn(VPSDE(), probe, label_dropout=1.0)
+    unconditional = type("Model", (), {"config": type("C", (), {"num_classes": 0})})()
+    with pytest.raises(ValueError, match="class-conditional model"):
+        losses.get_loss_fn(VPSDE(), unconditional, label_dropout=0.1)

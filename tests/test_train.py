@@ -109,6 +109,21 @@ def test_train_and_evaluate_writes_its_workdir(tmp_path):
     again = train.train_and_evaluate(config, tmp_path)
     jax.tree.map(np.testing.assert_array_equal, state.params, again.params)
 
+    # --mode=eval: two passes over two batches, resumable batch by batch.
+    config.eval.update(batch_size=64, bpd_num_batches=2, bpd_num_passes=2)
+    result = evaluate.evaluate(config, tmp_path)
+    assert result["unit"] == "nats_per_dim" and result["num_examples"] == 128
+    assert len(result["pass_means"]) == 2 and result["pass_means"][0] != result["pass_means"][1]
+    np.testing.assert_allclose(np.mean(result["pass_means"]), result["mean"], rtol=1e-6)
+    assert 0 < result["standard_error"] < 1 and np.isfinite(result["mean"])
+    cache = tmp_path / "eval" / "bpd_step_00000020"
+    saved = sorted(cache.glob("pass_*.npz"))
+    assert len(saved) == 4 and json.loads(cache.with_suffix(".json").read_text()) == result
+    kept_mtime = saved[0].stat().st_mtime_ns
+    saved[-1].unlink()  # as if killed before the last batch
+    assert evaluate.evaluate(config, tmp_path) == result
+    assert saved[0].stat().st_mtime_ns == kept_mtime and saved[-1].exists()
+
 
 def test_non_finite_loss_stops_with_step_range_and_keeps_checkpoint(tmp_path):
     config = tiny_config(n_iters=20)
@@ -149,6 +164,8 @@ def test_checkpoint_of_another_config_is_refused_not_overwritten(tmp_path):
         ("sampling.predictor", "heun_ish", "valid"),
         ("data.dataset", "cifar100000", "valid"),
         ("training.batch_size", 60, "does not divide over 8 devices"),
+        ("training.label_dropout", 0.1, "needs a class-conditional model"),
+        ("model.num_classes", 3, "has no class labels"),
     ],
 )
 def test_bad_configs_fail_at_start_up(tmp_path, field, value, message):
