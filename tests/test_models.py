@@ -628,3 +628,24 @@ def test_small_config_builds_a_small_model(file_name):
     assert config.model.centered == config.data.centered
     with pytest.raises(ValueError, match="'small'"):
         load_config(file_name, "tiny")
+
+
+@pytest.mark.parametrize(
+    "file_name, shape, reference",
+    [
+        # The reference's configs/ncsnpp/celeba.py: NCSN++ with positional embeddings.
+        ("celeba_ncsnpp_ve", (64, 64, 3), {"model.sigma_max": 90.0, "sampling.snr": 0.17}),
+        ("mnist_ddpmpp_continuous_vp", (28, 28, 1), {"data.centered": True}),
+    ],
+)
+def test_mnist_and_celeba_configs_build_at_their_data_shape(file_name, shape, reference):
+    from diffusion_sde import data as data_lib
+
+    config = load_config(file_name)
+    assert data_lib.data_shape(config.data) == shape
+    for dotted, value in reference.items():
+        assert field(config, dotted) == value, dotted
+    assert count(config, shape[0], shape[-1]) > 5_000_000
+    small = load_config(file_name, "small")
+    assert data_lib.data_shape(small.data) == (16, 16, shape[-1])
+    assert count(small, 16, shape[-1]) < 1_000_000
