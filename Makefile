@@ -21,8 +21,13 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m slow
 
+# The default run: train the digits VP model (resuming if WORKDIR has a checkpoint), then
+# print the test bits/dim. Samples: $(WORKDIR)/samples/step_*.png.
 run: $(STAMP)
-	$(PY) experiments/toy_2d_dsm.py
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache $(PY) -m diffusion_sde.main \
+		--config=configs/digits_vp.py --workdir=$(WORKDIR)
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache $(PY) -m diffusion_sde.main \
+		--config=configs/digits_vp.py --workdir=$(WORKDIR) --mode=eval
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

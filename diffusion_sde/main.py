@@ -5,7 +5,14 @@
 ``--config.training.batch_size=64``. On a TPU pod or a GPU cluster pass ``--multihost``
 to call ``jax.distributed.initialize()`` (which reads the cluster from the environment)
 before anything touches the devices.
+
+Compiled programs are cached on disk (``JAX_COMPILATION_CACHE_DIR``, by default
+``~/.cache/diffusion_sde/jax``), so rerunning a command skips most of its compilation.
 """
+
+import logging as python_logging
+import os
+import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,13 +25,25 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first."
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _OnlyWarningsFromLibraries(python_logging.Filter):
+    """Keep orbax's per-save INFO lines out of the run's log; warnings still show."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return record.levelno >= python_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     del argv
     import jax
 
+    cache = os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "diffusion_sde" / "jax")
+    )
+    jax.config.update("jax_compilation_cache_dir", cache)
     if FLAGS.multihost:
         jax.distributed.initialize()
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
     from diffusion_sde import evaluate, train
 
     modes = {

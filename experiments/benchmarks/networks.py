@@ -31,8 +31,10 @@ import argparse
 import ast
 import importlib.util
 import os
+import pathlib
 import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -95,6 +97,8 @@ def _parse_value(text: str):
 
 def build_model_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     if args.config:
+        # Config files import their defaults as ``configs.*``, from the repository root.
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
         spec = importlib.util.spec_from_file_location("benchmark_config", args.config)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
