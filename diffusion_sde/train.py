@@ -225,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     Returns the final :class:`losses.TrainState`.
     """
     # --- Set-up -------------------------------------------------------------------------
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
     is_main = jax.process_index() == 0
     (workdir / "samples").mkdir(parents=True, exist_ok=True)
     if is_main:

@@ -136,15 +136,16 @@ def test_non_finite_loss_stops_with_step_range_and_keeps_checkpoint(tmp_path):
     assert steps[-1] == 20
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path):
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative workdir, as `make run` passes it
     config = tiny_config(n_iters=20)
-    finished = train.train_and_evaluate(config, tmp_path)
-    for path in (tmp_path / "checkpoints" / "20").rglob("*"):
+    finished = train.train_and_evaluate(config, "run")
+    for path in (tmp_path / "run" / "checkpoints" / "20").rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(b"garbage")
-    resumed = train.train_and_evaluate(config, tmp_path)  # restores 10, retrains 10..20
+    resumed = train.train_and_evaluate(config, "run")  # restores 10, retrains 10..20
     jax.tree.map(np.testing.assert_array_equal, finished.params, resumed.params)
-    assert len(list((tmp_path / "checkpoints_unreadable").iterdir())) == 1
+    assert len(list((tmp_path / "run" / "checkpoints_unreadable").iterdir())) == 1
 
 
 def test_checkpoint_of_another_config_is_refused_not_overwritten(tmp_path):
