@@ -52,6 +52,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.end_ckpt = 26
     evaluate.batch_size = 1024
     evaluate.enable_sampling = False
+    # FID / KID: Inception-v3 features; the weights file and the training split's
+    # statistics are the user's (see diffusion_sde/inception.py and reference_stats.py).
+    evaluate.feature_extractor = "inception_v3"
+    evaluate.inception_weights = ""  # '' looks in ~/.cache/diffusion_sde
+    evaluate.reference_stats = ""
     evaluate.num_samples = 50000
     evaluate.enable_loss = True
     evaluate.enable_bpd = False

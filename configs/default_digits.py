@@ -45,6 +45,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 297  # the whole test split in one batch
     evaluate.num_samples = 1000
+    evaluate.enable_sampling = True  # FID / KID on the digits classifier's features
+    evaluate.feature_extractor = ""  # '' picks the default: 'digits'
+    evaluate.reference_stats = ""  # '' computes the training split's statistics
     evaluate.enable_loss = True
     evaluate.enable_bpd = True
     evaluate.bpd_num_batches = 1

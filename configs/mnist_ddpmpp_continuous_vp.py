@@ -36,6 +36,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     sampling.corrector = "none"
 
     config.eval.enable_bpd = True
+    config.eval.feature_extractor = "mnist"  # the project's MNIST classifier
 
     data = config.data
     data.dataset = "mnist"

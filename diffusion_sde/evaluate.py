@@ -1,10 +1,20 @@
-"""Evaluation of a trained workdir: likelihood (bits/dim) and sample generation.
+"""Evaluation of a trained workdir: likelihood (bits/dim), sample quality, samples.
 
-``python -m diffusion_sde.main --mode=eval --config=... --workdir=DIR`` computes bits/dim
-on ``config.eval.bpd_dataset`` with the EMA parameters of the newest checkpoint and
-writes ``DIR/eval/bpd_step_<step>.json``; ``--mode=sample`` draws
-``config.eval.num_samples`` samples in shards under ``DIR/eval/samples_step_<step>/``
-(finished shards are kept and skipped when the command is run again).
+``python -m diffusion_sde.main --mode=eval --config=... --workdir=DIR`` evaluates the EMA
+parameters of the newest checkpoint:
+
+- bits/dim on ``config.eval.bpd_dataset`` (``eval.enable_bpd``), written to
+  ``DIR/eval/bpd_step_<step>.json``;
+- sample quality (``eval.enable_sampling``): ``eval.num_samples`` samples drawn as
+  ``--mode=sample`` does, then FID and KID against the training split through
+  ``eval.feature_extractor`` (default: the digits / MNIST classifiers for those datasets,
+  Inception-v3 otherwise, whose reference statistics come from ``eval.reference_stats``,
+  written by ``python -m diffusion_sde.reference_stats``), in
+  ``DIR/eval/sample_quality_step_<step>.json``.
+
+``--mode=sample`` draws ``config.eval.num_samples`` samples in shards under
+``DIR/eval/samples_step_<step>/``. Everything is resumable: finished bits/dim batches and
+sample shards are kept and skipped when the command is run again.
 """
 
 from __future__ import annotations
@@ -147,8 +157,21 @@ def evaluate_likelihood(
 
 
 def evaluate(config, workdir: str | pathlib.Path) -> dict:
-    """``--mode=eval``: likelihood of the newest checkpoint's EMA parameters, written to
-    ``workdir/eval/bpd_step_<step>.json``; finished batches are kept in
+    """``--mode=eval``: bits/dim and sample quality of the newest checkpoint's EMA
+    parameters, as ``config.eval`` enables them; returns ``{"bpd": ..., "sample_quality":
+    ...}`` with the results that were computed."""
+    workdir = pathlib.Path(workdir)
+    results = {}
+    if config.eval.get("enable_bpd", True):
+        results["bpd"] = evaluate_bpd(config, workdir)
+    if config.eval.get("enable_sampling", False):
+        results["sample_quality"] = evaluate_sample_quality(config, workdir)
+    return results
+
+
+def evaluate_bpd(config, workdir: str | pathlib.Path) -> dict:
+    """Bits/dim (nats/dim for toy data) of the newest checkpoint's EMA parameters, written
+    to ``workdir/eval/bpd_step_<step>.json``; finished batches are kept in
     ``workdir/eval/bpd_step_<step>/`` so that a killed evaluation resumes."""
     workdir = pathlib.Path(workdir)
     sde, model, state = load_trained(config, workdir)
@@ -173,6 +196,56 @@ def evaluate(config, workdir: str | pathlib.Path) -> dict:
         f"{result['unit']}: {result['mean']:.4f} ± {standard_error:.4f} "
         f"({result['num_examples']} examples x {result['num_passes']} passes, step {step}, "
         f"mean NFE {result['mean_nfe']:.0f}) -> {path}"
+    )
+    return result
+
+
+def evaluate_sample_quality(config, workdir: str | pathlib.Path) -> dict:
+    """FID and KID of ``config.eval.num_samples`` samples (drawn by :func:`sample`, or
+    reused from an earlier run) against the training split, written to
+    ``workdir/eval/sample_quality_step_<step>.json``.
+
+    The features come from ``config.eval.feature_extractor`` (``metrics.FEATURE_EXTRACTORS``;
+    by default the project's own classifier for ``digits`` and ``mnist``, Inception-v3
+    otherwise). The reference is ``config.eval.reference_stats`` (an ``.npz`` from
+    ``python -m diffusion_sde.reference_stats``) or, when that is empty, computed from the
+    training split and cached as ``workdir/eval/reference_<dataset>_<extractor>.npz``.
+    """
+    from diffusion_sde import metrics, reference_stats
+
+    workdir = pathlib.Path(workdir)
+    evaluation = config.eval
+    name = evaluation.get("feature_extractor") or reference_stats.default_extractor(
+        config.data.dataset
+    )
+    options = {"weights_path": evaluation.get("inception_weights") or None}
+    extractor = metrics.get_feature_extractor(name, **(options if name == "inception_v3" else {}))
+    reference = evaluation.get("reference_stats") or None
+    if reference is None:
+        if name == "inception_v3":
+            raise ValueError(
+                "eval.reference_stats is empty: compute the Inception statistics of the "
+                "training split once with `python -m diffusion_sde.reference_stats "
+                "--config=... --extractor=inception_v3 --out=FILE.npz` and pass "
+                "--config.eval.reference_stats=FILE.npz."
+            )
+        dataset = config.data.dataset.replace("/", "_")
+        reference = workdir / "eval" / f"reference_{dataset}_{name}.npz"
+        if not reference.exists():
+            statistics = reference_stats.compute_reference_statistics(config.data, extractor)
+            reference_stats.save_statistics(statistics, reference)
+    shards = sample(config, workdir)
+    samples = np.concatenate(
+        [np.load(path)["samples"] for path in sorted(shards.glob("shard_*.npz"))]
+    )[: evaluation.num_samples]
+    result = metrics.sample_quality(samples, reference, extractor)
+    result["step"] = int(shards.name.rsplit("_", 1)[-1])
+    path = workdir / "eval" / f"sample_quality_step_{result['step']:08d}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    kid = "n/a" if result["kid_mean"] is None else f"{result['kid_mean']:.4f}"
+    print(
+        f"FID ({name} features): {result['fid']:.3f}, KID: {kid} "
+        f"({result['num_samples']} samples, step {result['step']}) -> {path}"
     )
     return result
 

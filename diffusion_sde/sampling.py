@@ -460,7 +460,8 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
     - ode: ``ode_method`` (default ``'adaptive'``), ``rtol``, ``atol`` (default 1e-5),
       ``time_grid`` (default None = the method's own).
 
-    Names are validated here, so a typo fails before anything is compiled.
+    Names and combinations are validated here, so a typo or an undefined combination
+    fails before anything is compiled.
     """
     field = lambda name, default: sampling_config.get(name, default)
     method = sampling_config.get("method", "pc").lower()
@@ -480,6 +481,13 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
         )
         _lookup(PREDICTORS, kwargs["predictor"], "sampling.predictor")
         _lookup(CORRECTORS, kwargs["corrector"], "sampling.corrector")
+        _check_pc(
+            sde,
+            kwargs["predictor"],
+            kwargs["corrector"],
+            sde.N if kwargs["num_steps"] is None else kwargs["num_steps"],
+            kwargs["probability_flow"],
+        )
         return lambda key, score_fn: pc_sample(key, sde, score_fn, shape, **kwargs)
     if method == "ode":
         kwargs = dict(

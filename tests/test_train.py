@@ -111,7 +111,7 @@ def test_train_and_evaluate_writes_its_workdir(tmp_path):
 
     # --mode=eval: two passes over two batches, resumable batch by batch.
     config.eval.update(batch_size=64, bpd_num_batches=2, bpd_num_passes=2)
-    result = evaluate.evaluate(config, tmp_path)
+    result = evaluate.evaluate(config, tmp_path)["bpd"]
     assert result["unit"] == "nats_per_dim" and result["num_examples"] == 128
     assert len(result["pass_means"]) == 2 and result["pass_means"][0] != result["pass_means"][1]
     np.testing.assert_allclose(np.mean(result["pass_means"]), result["mean"], rtol=1e-6)
@@ -121,7 +121,7 @@ def test_train_and_evaluate_writes_its_workdir(tmp_path):
     assert len(saved) == 4 and json.loads(cache.with_suffix(".json").read_text()) == result
     kept_mtime = saved[0].stat().st_mtime_ns
     saved[-1].unlink()  # as if killed before the last batch
-    assert evaluate.evaluate(config, tmp_path) == result
+    assert evaluate.evaluate(config, tmp_path)["bpd"] == result
     assert saved[0].stat().st_mtime_ns == kept_mtime and saved[-1].exists()
 
 
@@ -167,6 +167,7 @@ def test_checkpoint_of_another_config_is_refused_not_overwritten(tmp_path):
         ("training.batch_size", 60, "does not divide over 8 devices"),
         ("training.label_dropout", 0.1, "needs a class-conditional model"),
         ("model.num_classes", 3, "has no class labels"),
+        ("sampling.num_steps", 10, "too small for the DDPM chain"),
     ],
 )
 def test_bad_configs_fail_at_start_up(tmp_path, field, value, message):
@@ -292,3 +293,31 @@ def test_two_processes_agree_with_one(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     (_, a), (_, b) = _final_params(tmp_path / "multi"), _final_params(tmp_path / "single")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_digits_run_trains_and_evaluates_bpd_and_sample_quality(tmp_path, monkeypatch):
+    """The default run's path (configs/digits_vp.py) end to end at a tiny size."""
+    from configs import digits_vp
+
+    monkeypatch.setenv("DIFFUSION_SDE_CACHE", str(tmp_path / "cache"))
+    config = digits_vp.get_config()
+    config.model.update(nf=8, attn_resolutions=())
+    config.training.update(
+        batch_size=32, n_iters=10, n_jitted_steps=5, snapshot_freq=10, log_freq=5, eval_freq=10
+    )
+    config.training.update(snapshot_freq_for_preemption=10, snapshot_num_samples=16)
+    config.sampling.num_steps = 25
+    config.eval.update(batch_size=64, num_samples=100, bpd_num_batches=1, rtol=1e-3, atol=1e-3)
+    train.train_and_evaluate(config, tmp_path / "run")
+    results = evaluate.evaluate(config, tmp_path / "run")
+    bpd, quality = results["bpd"], results["sample_quality"]
+    # Ten steps of training: a finite bits/dim, far from a trained model's, on the 64
+    # examples of one evaluation batch.
+    assert bpd["unit"] == "bits_per_dim" and bpd["num_examples"] == 64
+    assert 0.5 < bpd["mean"] < 20
+    assert quality["num_samples"] == 100 and quality["extractor"] == "digits"
+    assert quality["fid"] > 0 and np.isfinite(quality["kid_mean"])
+    eval_dir = tmp_path / "run" / "eval"
+    assert (eval_dir / "sample_quality_step_00000010.json").exists()
+    assert len(list((eval_dir / "samples_step_00000010").glob("shard_*.npz"))) == 2
+    assert (eval_dir / "reference_digits_digits.npz").exists()
