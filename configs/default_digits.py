@@ -15,9 +15,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
     config.training = training = ml_collections.ConfigDict()
     training.sde = "vpsde"
-    training.batch_size = 128
-    training.n_iters = 3000
-    training.snapshot_freq = 1000
+    training.batch_size = 64
+    training.n_iters = 1500
+    training.snapshot_freq = 500
     training.snapshot_freq_for_preemption = 250
     training.log_freq = 50
     training.eval_freq = 250
@@ -32,12 +32,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"
     sampling.predictor = "reverse_diffusion"
-    sampling.corrector = "langevin"
+    sampling.corrector = "none"  # 'langevin' doubles the cost per step
     sampling.n_steps_each = 1
     sampling.noise_removal = True
     sampling.probability_flow = False
     sampling.snr = 0.16
-    sampling.num_steps = 500
+    sampling.num_steps = 250
     sampling.ode_method = "dpm_solver_3"
     sampling.rtol = 1e-5
     sampling.atol = 1e-5
@@ -45,7 +45,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 297  # the whole test split in one batch
     evaluate.num_samples = 1000
-    evaluate.enable_sampling = True  # FID / KID on the digits classifier's features
+    # FID / KID on the digits classifier's features (`make run` turns it off to stay
+    # within its 10 minutes; --mode=eval does it).
+    evaluate.enable_sampling = True
     evaluate.feature_extractor = ""  # '' picks the default: 'digits'
     evaluate.reference_stats = ""  # '' computes the training split's statistics
     evaluate.enable_loss = True
@@ -53,8 +55,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.bpd_num_batches = 1
     evaluate.bpd_dataset = "test"
     evaluate.bpd_num_passes = 1  # passes with fresh dequantisation noise and probes
-    evaluate.rtol = 1e-5
-    evaluate.atol = 1e-5
+    evaluate.rtol = 1e-4  # ODE tolerances of the likelihood
+    evaluate.atol = 1e-4
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "digits"
@@ -67,7 +69,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.model = model = ml_collections.ConfigDict()
     model.name = "ncsnpp"  # DDPM++ options below
     # 189k parameters: 16 channels at 8x8, 32 at 4x4 (with attention), one residual block
-    # per level; a training step at batch 128 takes about 0.1 s on a 2-core CPU.
+    # per level.
     model.nf = 16
     model.ch_mult = (1, 2)
     model.num_res_blocks = 1
@@ -90,7 +92,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.nonlinearity = "swish"
     model.normalization = "GroupNorm"
     model.conv_size = 3
-    model.ema_rate = 0.999
+    # A short run: with 0.999 the EMA of step 1000 would still hold 37% of the initial
+    # weights (0.999^1000), and its samples are noise; 0.995 leaves 0.7%.
+    model.ema_rate = 0.995
     model.dtype = "float32"
     model.conv_impl = "auto"
     model.num_classes = 0
