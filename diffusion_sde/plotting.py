@@ -9,12 +9,15 @@ import numpy as np
 from PIL import Image
 
 
-def image_grid(images: np.ndarray, *, padding: int = 1, upscale: int = 1) -> np.ndarray:
+def image_grid(images: np.ndarray, *, padding: int | None = None, upscale: int = 1) -> np.ndarray:
     """Tile ``(B, H, W, C)`` images with values in [0, 1] into one ``uint8`` image.
 
     The grid is as square as possible; ``upscale`` enlarges each pixel (small images such
-    as 8x8 digits are unreadable at their own size).
+    as 8x8 digits are unreadable at their own size). ``padding`` white pixels separate the
+    images (default: half an enlarged pixel, at least one, so that neighbours stay apart).
     """
+    if padding is None:
+        padding = max(1, upscale // 2)
     images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
     if images.ndim != 4:
         raise ValueError(f"image_grid expects (B, H, W, C) images, got shape {images.shape}")

@@ -88,6 +88,48 @@ def create_train_state(key, *, model, optimizer, data_shape, conditional) -> los
     )
 
 
+# --- The jitted training steps ----------------------------------------------------------
+
+
+def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
+    """The jitted ``train_steps(state, batches) -> (state, metrics)`` of a run.
+
+    ``batches`` holds ``n`` global batches stacked as ``(n, B, ...)``; one call runs the
+    ``n`` optimisation steps of ``losses.get_step_fn`` through ``lax.scan`` (the config's
+    ``training.n_jitted_steps`` is the ``n`` that ``train_and_evaluate`` passes), with the
+    state replicated and donated and each batch sharded over ``mesh``'s ``data`` axis;
+    ``metrics`` are per step, shaped ``(n,)``.
+    """
+    training = config.training
+    loss_fn = losses.get_loss_fn(
+        sde,
+        model,
+        continuous=training.continuous,
+        reduce_mean=training.reduce_mean,
+        likelihood_weighting=training.likelihood_weighting,
+        label_dropout=training.get("label_dropout", 0.0),
+    )
+    step_fn = losses.get_step_fn(loss_fn, optimizer, config.model.ema_rate)
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(None, "data"))
+    # XLA:CPU runs a training step inside a while loop (the scan) 2x slower, and up to 15x
+    # with plain XLA convolutions, than the same step outside one: the backward
+    # convolutions (jaxlib 0.10; experiments/benchmarks/train_step.py). On CPU the n steps
+    # are therefore unrolled, at the price of compiling n copies; accelerators keep the loop.
+    unroll = mesh.devices.flat[0].platform == "cpu"
+
+    @functools.partial(
+        jax.jit,
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    def train_steps(state, batches):
+        return jax.lax.scan(step_fn, state, batches, unroll=unroll)
+
+    return train_steps
+
+
 # --- Checkpoints --------------------------------------------------------------------------
 
 
@@ -291,25 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         logging.info("Starting at step %d (restored: %s).", start_step, restored_step)
 
     # --- Step function: n_jitted_steps optimisation steps per call ----------------------
-    loss_fn = losses.get_loss_fn(
-        sde,
-        model,
-        continuous=training.continuous,
-        reduce_mean=training.reduce_mean,
-        likelihood_weighting=training.likelihood_weighting,
-        label_dropout=training.get("label_dropout", 0.0),
-    )
-    step_fn = losses.get_step_fn(loss_fn, optimizer, config.model.ema_rate)
-
-    @functools.partial(
-        jax.jit,
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    def train_steps(state, batches):
-        return jax.lax.scan(step_fn, state, batches)
-
+    train_steps = get_train_steps(config, sde, model, optimizer, mesh)
     eval_loss_fn = jax.jit(
         losses.get_loss_fn(
             sde,

@@ -1,10 +1,15 @@
 r"""Benchmark of a config's training step, as ``train.py`` runs it.
 
-For a config file it builds the state, the loss the config asks for and the jitted call of
-``training.n_jitted_steps`` optimisation steps (``lax.scan``, state donated, the batch
-sharded over every device), then prints the compile time, seconds per step, images (or
-points) per second, the parameter count and the peak memory, and an estimate of the
-wall time of ``training.n_iters`` steps.
+For a config file it builds the state and the jitted call of ``train.get_train_steps``
+(the loss the config asks for, ``n`` optimisation steps through ``lax.scan``, state
+donated, the batch sharded over every device) for ``n`` in ``--n_jitted_steps`` (default
+1 and 5), and prints for each: the compile time cold (an empty persistent compilation
+cache) and cached (the same program again after ``jax.clear_caches()``, read back from the
+cache), seconds per step, examples/s, and the estimated wall time of
+``training.n_iters`` steps. Then the network's own forward + backward pass on the same
+global batch (``jax.grad`` of a sum of squares of its output: no SDE, no optimizer, no
+EMA) and the ratio step / (forward + backward): what the rest of the step costs (the
+target is <= 1.10). Last the parameter count and peak memory.
 
 Usage::
 
@@ -14,8 +19,9 @@ Usage::
     python experiments/benchmarks/train_step.py \
         --config=configs/cifar10_ddpmpp_continuous_vp.py:small --calls=5
 
-Timings are medians over ``--calls`` calls after the first (compiling) one; the load
-average is printed with them, since a shared machine makes them noisy.
+Timings are medians over ``--calls`` calls after a warm-up call; the process CPU time
+(summed over threads) is printed beside the wall time, as other processes on a shared
+machine inflate the wall time only. The load average is printed with them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import pathlib
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -36,23 +43,50 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from diffusion_sde import data as data_lib
-from diffusion_sde import losses, train
+from diffusion_sde import train
 from diffusion_sde.models import count_parameters, get_model
 from diffusion_sde.sde import get_sde
 
 # Config files import their defaults as ``configs.*``, from the repository root.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
-flags.DEFINE_integer("calls", 10, "Timed calls of the jitted n-step function.")
+config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=False)
+flags.DEFINE_integer("calls", 10, "Timed calls of each jitted function.")
+flags.DEFINE_list("n_jitted_steps", ["1", "5"], "Steps per jitted call to compare.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
+def median_time(fn, calls: int) -> tuple[float, float]:
+    """Median wall-clock and process CPU seconds of ``fn()`` over ``calls`` calls."""
+    wall, cpu = [], []
+    for _ in range(calls):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn())
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def compile_seconds(jitted, *args) -> tuple[object, float, float]:
+    """``(compiled, cold_s, cached_s)``: compile with the (empty) persistent cache, then
+    again from it after dropping every in-memory cache."""
+    start = time.perf_counter()
+    jitted.lower(*args).compile()
+    cold = time.perf_counter() - start
+    jax.clear_caches()
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, cold, time.perf_counter() - start
+
+
 def main(argv):
     del argv
+    # A fresh persistent cache, so that "cold" is cold and "cached" reads what it wrote.
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jax_cache_"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     config = FLAGS.config
     training = config.training
-    n_jitted = int(training.n_jitted_steps)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(None, "data"))
@@ -61,67 +95,98 @@ def main(argv):
     optimizer = train.get_optimizer(config.optim)
     data_shape = data_lib.data_shape(config.data)
     conditional = config.model.get("num_classes", 0) > 0
-    state = train.create_train_state(
-        jax.random.PRNGKey(config.seed),
-        model=model,
-        optimizer=optimizer,
-        data_shape=data_shape,
-        conditional=conditional,
-    )
-    state = jax.device_put(state, replicated)
-    loss_fn = losses.get_loss_fn(
-        sde,
-        model,
-        continuous=training.continuous,
-        reduce_mean=training.reduce_mean,
-        likelihood_weighting=training.likelihood_weighting,
-        label_dropout=training.get("label_dropout", 0.0),
-    )
-    step_fn = losses.get_step_fn(loss_fn, optimizer, config.model.ema_rate)
 
-    def train_steps(state, batches):
-        return jax.lax.scan(step_fn, state, batches)
+    def fresh_state():
+        state = train.create_train_state(
+            jax.random.PRNGKey(config.seed),
+            model=model,
+            optimizer=optimizer,
+            data_shape=data_shape,
+            conditional=conditional,
+        )
+        return jax.device_put(state, replicated)
 
-    train_steps = jax.jit(
-        train_steps,
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
     # The real data pipeline's batches, so the benchmark sees real shapes and dtypes.
     batches = data_lib.get_dataset(
         config.data, batch_size=training.batch_size, split="train", seed=config.seed
     )
-    local = [next(batches) for _ in range(n_jitted)]
-    stacked = {k: np.stack([b[k] for b in local]) for k in ("x", "label")}
-    stacked = jax.device_put(stacked, batch_sharding)
+    max_n = max(int(n) for n in FLAGS.n_jitted_steps)
+    local = [next(batches) for _ in range(max_n)]
+    train_steps = train.get_train_steps(config, sde, model, optimizer, mesh)
+    print(
+        f"{config.data.dataset}, {training.sde}, model {config.model.name}, "
+        f"{jax.device_count()} x {jax.devices()[0].platform}, batch {training.batch_size} x "
+        f"{data_shape}; load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    header = (
+        "| steps per call | compile cold (s) | compile cached (s) | ms per step (CPU ms) "
+        "| examples/s | n_iters would take |\n|---:|---:|---:|---:|---:|---:|"
+    )
+    print(header)
+    per_step = {}
+    for n in (int(n) for n in FLAGS.n_jitted_steps):
+        stacked = {k: np.stack([b[k] for b in local[:n]]) for k in ("x", "label")}
+        stacked = jax.device_put(stacked, batch_sharding)
+        state = fresh_state()
+        compiled, cold_s, cached_s = compile_seconds(train_steps, state, stacked)
+        state, metrics = compiled(state, stacked)  # warm-up
 
-    start = time.perf_counter()
-    state, metrics = train_steps(state, stacked)
-    jax.block_until_ready(metrics)
-    compile_and_first = time.perf_counter() - start
-    times = []
-    for _ in range(FLAGS.calls):
-        start = time.perf_counter()
-        state, metrics = train_steps(state, stacked)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    per_call = statistics.median(times)
-    per_step = per_call / n_jitted
+        walls, cpus = [], []
+        for _ in range(FLAGS.calls):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            state, metrics = compiled(state, stacked)
+            jax.block_until_ready(metrics)
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - start_cpu)
+        wall_s, cpu_s = statistics.median(walls), statistics.median(cpus)
+        per_step[n] = wall_s / n
+        print(
+            f"| {n} | {cold_s:.1f} | {cached_s:.2f} | {1e3 * wall_s / n:.1f} "
+            f"({1e3 * cpu_s / n:.0f}) | {training.batch_size * n / wall_s:,.0f} "
+            f"| {training.n_iters * wall_s / n / 60:.1f} min |",
+            flush=True,
+        )
+
+    # --- The network alone: forward + backward on the same global batch ------------------
+    params = state.params
+    x = jax.device_put(jnp.asarray(local[0]["x"]), NamedSharding(mesh, P("data")))
+    labels = jnp.asarray(local[0]["label"]) if conditional else None
+    time_cond = jnp.full((training.batch_size,), 0.5)
+
+    @jax.jit
+    def forward_backward(params, x, key):
+        def sum_of_squares(params):
+            output = model.apply(
+                {"params": params}, x, time_cond, y=labels, train=True, rngs={"dropout": key}
+            )
+            return jnp.sum(output.astype(jnp.float32) ** 2)
+
+        return jax.grad(sum_of_squares)(params)
+
+    key = jax.random.key(1)
+    jax.block_until_ready(forward_backward(params, x, key))
+    network_s, network_cpu_s = median_time(lambda: forward_backward(params, x, key), FLAGS.calls)
+    best_n = max(per_step)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    device_peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     rows = [
-        ("config", f"{config.data.dataset}, {training.sde}, model {config.model.name}"),
-        ("devices", f"{jax.device_count()} x {jax.devices()[0].platform}"),
-        ("parameters", f"{count_parameters(state.params):,}"),
-        ("batch", f"{training.batch_size} x {data_shape}, {n_jitted} steps per call"),
-        ("compile + first call", f"{compile_and_first:.1f} s"),
-        ("time per step", f"{per_step * 1e3:.1f} ms (median of {FLAGS.calls} calls)"),
-        ("steps/s", f"{1 / per_step:.2f}"),
-        ("examples/s", f"{training.batch_size / per_step:,.0f}"),
-        ("n_iters at this speed", f"{training.n_iters * per_step / 60:.1f} min"),
-        ("peak memory (RSS)", f"{peak_gib:.2f} GiB"),
-        ("load average", " ".join(f"{v:.1f}" for v in os.getloadavg())),
+        (
+            "network forward+backward",
+            f"{1e3 * network_s:.1f} ms (CPU {1e3 * network_cpu_s:.0f} ms)",
+        ),
+        (
+            f"step / network ({best_n} steps per call)",
+            f"{per_step[best_n] / network_s:.3f} (target <= 1.10)",
+        ),
+        ("parameters", f"{count_parameters(params):,}"),
+        (
+            "peak memory",
+            f"{peak_gib:.2f} GiB host RSS"
+            + ("" if device_peak is None else f", {device_peak / 2**30:.2f} GiB device"),
+        ),
         ("final loss", f"{float(jnp.mean(metrics['loss'])):.4f}"),
+        ("load average", " ".join(f"{v:.1f}" for v in os.getloadavg())),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
