@@ -15,9 +15,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
     config.training = training = ml_collections.ConfigDict()
     training.sde = "vpsde"
-    training.batch_size = 64
-    training.n_iters = 1500
-    training.snapshot_freq = 500
+    # About 4.5 minutes of training on 2 cores (7-11 steps/s). Measured (EMA model, digits
+    # FID of 1,000 samples): 1,500 steps at batch 64 give 1.57, these 2,000 at batch 128
+    # 0.97, 3,000 at batch 128 0.61.
+    training.batch_size = 128
+    training.n_iters = 2000
+    training.snapshot_freq = 1000
     training.snapshot_freq_for_preemption = 250
     training.log_freq = 50
     training.eval_freq = 250
