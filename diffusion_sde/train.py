@@ -95,9 +95,10 @@ def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
     """The jitted ``train_steps(state, batches) -> (state, metrics)`` of a run.
 
     ``batches`` holds ``n`` global batches stacked as ``(n, B, ...)``; one call runs the
-    ``n`` optimisation steps of ``losses.get_step_fn`` through ``lax.scan`` (the config's
-    ``training.n_jitted_steps`` is the ``n`` that ``train_and_evaluate`` passes), with the
-    state replicated and donated and each batch sharded over ``mesh``'s ``data`` axis;
+    ``n`` optimisation steps of ``losses.get_step_fn`` (``train_and_evaluate`` passes
+    ``n = training.n_jitted_steps``) through ``lax.scan``, or written out one after the
+    other on CPU (see below), with the state replicated and donated and each batch sharded
+    over ``mesh``'s ``data`` axis;
     ``metrics`` are per step, shaped ``(n,)``.
     """
     training = config.training
@@ -112,11 +113,12 @@ def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
     step_fn = losses.get_step_fn(loss_fn, optimizer, config.model.ema_rate)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(None, "data"))
-    # XLA:CPU runs a training step inside a while loop (the scan) 2x slower, and up to 15x
-    # with plain XLA convolutions, than the same step outside one: the backward
-    # convolutions (jaxlib 0.10; experiments/benchmarks/train_step.py). On CPU the n steps
-    # are therefore unrolled, at the price of compiling n copies; accelerators keep the loop.
-    unroll = mesh.devices.flat[0].platform == "cpu"
+    # XLA:CPU runs a training step inside a while loop (a scan, even of length 1) 2x
+    # slower, and up to 15x with plain XLA convolutions, than the same step outside one:
+    # the backward convolutions (jaxlib 0.10; experiments/benchmarks/train_step.py). On CPU
+    # the n steps are therefore written out one after the other, at the price of compiling
+    # n copies; accelerators keep the loop, which compiles one.
+    unrolled = mesh.devices.flat[0].platform == "cpu"
 
     @functools.partial(
         jax.jit,
@@ -125,7 +127,13 @@ def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
         donate_argnums=0,
     )
     def train_steps(state, batches):
-        return jax.lax.scan(step_fn, state, batches, unroll=unroll)
+        if not unrolled:
+            return jax.lax.scan(step_fn, state, batches)
+        metrics = []
+        for i in range(jax.tree.leaves(batches)[0].shape[0]):
+            state, step_metrics = step_fn(state, jax.tree.map(lambda b, i=i: b[i], batches))
+            metrics.append(step_metrics)
+        return state, jax.tree.map(lambda *values: jnp.stack(values), *metrics)
 
     return train_steps
 

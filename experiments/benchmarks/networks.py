@@ -113,7 +113,7 @@ def build_model_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     return config
 
 
-def _median_time(fn, repeats: int) -> tuple[float, float]:
+def median_time(fn, repeats: int) -> tuple[float, float]:
     """Median wall-clock and process CPU seconds of ``fn()`` (CPU time, summed over
     threads, is less sensitive than wall time to other processes on a shared machine)."""
     wall, cpu = [], []
@@ -148,7 +148,7 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
     forward = jax.jit(lambda variables, x, c: model.apply(variables, x, c))
     forward_compiled, forward_compile_s = _compile(forward, variables, x, time_cond)
     jax.block_until_ready(forward_compiled(variables, x, time_cond))
-    forward_s, forward_cpu_s = _median_time(
+    forward_s, forward_cpu_s = median_time(
         lambda: forward_compiled(variables, x, time_cond), args.repeats
     )
 
@@ -184,7 +184,7 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
         params, opt_state, loss = step_compiled(params, opt_state, key_step, x)
         return loss
 
-    step_s, step_cpu_s = _median_time(one_step, args.repeats)
+    step_s, step_cpu_s = median_time(one_step, args.repeats)
     device_stats = jax.devices()[0].memory_stats() or {}
     return dict(
         num_params=num_params,

@@ -49,22 +49,13 @@ from diffusion_sde.sde import get_sde
 
 # Config files import their defaults as ``configs.*``, from the repository root.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=False)
+from experiments.benchmarks.networks import median_time  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
 flags.DEFINE_integer("calls", 10, "Timed calls of each jitted function.")
 flags.DEFINE_list("n_jitted_steps", ["1", "5"], "Steps per jitted call to compare.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
-
-
-def median_time(fn, calls: int) -> tuple[float, float]:
-    """Median wall-clock and process CPU seconds of ``fn()`` over ``calls`` calls."""
-    wall, cpu = [], []
-    for _ in range(calls):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn())
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
 
 
 def compile_seconds(jitted, *args) -> tuple[object, float, float]:
