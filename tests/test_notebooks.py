@@ -158,7 +158,6 @@ def test_samplers(tmp_path):
     assert figures_shown(notebook) == 2
 
 
-@pytest.mark.slow
 def test_colab_tpu_on_four_simulated_devices(tmp_path):
     """A tiny NCSN++ on mock CIFAR-10 (no files, no download), data-parallel over 4 CPU devices."""
     notebook = run_notebook(
@@ -182,7 +181,6 @@ def test_colab_tpu_on_four_simulated_devices(tmp_path):
     assert figures_shown(notebook) == 2
 
 
-@pytest.mark.slow
 def test_digits_trains_a_tiny_run_when_there_is_none(tmp_path):
     notebook = run_notebook(
         "digits.ipynb",
