@@ -87,6 +87,40 @@ def test_one_step_on_eight_devices_equals_one_device():
     assert max(jax.tree.leaves(moved)) > 1e-4
 
 
+def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
+    """``get_train_steps`` (steps written out on CPU, sharded over 8 devices) computes what a
+    plain ``lax.scan`` of the step computes on one device: same losses, same parameters."""
+    config = tiny_config()
+    config.optim.warmup = 0
+    sde, model = get_sde(config), get_model(config.model)
+    optimizer = train.get_optimizer(config.optim)
+    state = train.create_train_state(
+        jax.random.PRNGKey(0), model=model, optimizer=optimizer, data_shape=(2,), conditional=False
+    )
+    batches = {
+        "x": jax.random.normal(jax.random.PRNGKey(1), (3, 64, 2)),
+        "label": jnp.zeros((3, 64), jnp.int32),
+    }
+    step_fn = losses.get_step_fn(
+        losses.get_loss_fn(sde, model, reduce_mean=config.training.reduce_mean),
+        optimizer,
+        config.model.ema_rate,
+    )
+    scanned_state, scanned = jax.jit(lambda s, b: jax.lax.scan(step_fn, s, b))(state, batches)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    train_steps = train.get_train_steps(config, sde, model, optimizer, mesh)
+    copy = jax.device_put(jax.tree.map(jnp.copy, state), NamedSharding(mesh, P()))
+    new_state, metrics = train_steps(copy, batches)
+    assert metrics["loss"].shape == (3,) and int(new_state.step) == 3
+    np.testing.assert_allclose(metrics["loss"], scanned["loss"], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        (new_state.params, new_state.ema_params),
+        (scanned_state.params, scanned_state.ema_params),
+    )
+    assert not np.allclose(metrics["loss"][0], metrics["loss"][2])  # three different steps
+
+
 def test_train_and_evaluate_writes_its_workdir(tmp_path):
     config = tiny_config()
     state = train.train_and_evaluate(config, tmp_path)
