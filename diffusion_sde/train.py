@@ -98,8 +98,7 @@ def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
     ``n`` optimisation steps of ``losses.get_step_fn`` (``train_and_evaluate`` passes
     ``n = training.n_jitted_steps``) through ``lax.scan``, or written out one after the
     other on CPU (see below), with the state replicated and donated and each batch sharded
-    over ``mesh``'s ``data`` axis;
-    ``metrics`` are per step, shaped ``(n,)``.
+    over ``mesh``'s ``data`` axis. ``metrics`` are per step, shaped ``(n,)``.
     """
     training = config.training
     loss_fn = losses.get_loss_fn(

@@ -3,9 +3,9 @@ r"""Benchmark of a config's training step, as ``train.py`` runs it.
 For a config file it builds the state and the jitted call of ``train.get_train_steps``
 (the loss the config asks for, ``n`` optimisation steps through ``lax.scan``, state
 donated, the batch sharded over every device) for ``n`` in ``--n_jitted_steps`` (default
-1 and 5), and prints for each: the compile time cold (an empty persistent compilation
-cache) and cached (the same program again after ``jax.clear_caches()``, read back from the
-cache), seconds per step, examples/s, and the estimated wall time of
+1 and 5), and prints for each: the time to trace and lower it, XLA's compile time cold (an
+empty persistent compilation cache) and cached (the same program again after
+``jax.clear_caches()``, read back from the cache), seconds per step, examples/s, and the estimated wall time of
 ``training.n_iters`` steps. Then the network's own forward + backward pass on the same
 global batch (``jax.grad`` of a sum of squares of its output: no SDE, no optimizer, no
 EMA) and the ratio step / (forward + backward): what the rest of the step costs (the
@@ -58,16 +58,20 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-def compile_seconds(jitted, *args) -> tuple[object, float, float]:
-    """``(compiled, cold_s, cached_s)``: compile with the (empty) persistent cache, then
-    again from it after dropping every in-memory cache."""
+def compile_seconds(jitted, *args) -> tuple[object, float, float, float]:
+    """``(compiled, trace_s, cold_s, cached_s)``: tracing and lowering to StableHLO, then
+    XLA's compilation with the (empty) persistent cache, and again from that cache after
+    dropping every in-memory cache (``trace_s`` is of this second, untraced-again pass)."""
     start = time.perf_counter()
     jitted.lower(*args).compile()
-    cold = time.perf_counter() - start
+    cold_total = time.perf_counter() - start
     jax.clear_caches()
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    return compiled, cold, time.perf_counter() - start
+    lowered = jitted.lower(*args)
+    trace = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, trace, cold_total - trace, time.perf_counter() - start
 
 
 def main(argv):
@@ -111,8 +115,9 @@ def main(argv):
         flush=True,
     )
     header = (
-        "| steps per call | compile cold (s) | compile cached (s) | ms per step (CPU ms) "
-        "| examples/s | n_iters would take |\n|---:|---:|---:|---:|---:|---:|"
+        "| steps per call | trace + lower (s) | compile cold (s) | compile cached (s) "
+        "| ms per step (CPU ms) "
+        "| examples/s | n_iters would take |\n|---:|---:|---:|---:|---:|---:|---:|"
     )
     print(header)
     per_step = {}
@@ -120,7 +125,7 @@ def main(argv):
         stacked = {k: np.stack([b[k] for b in local[:n]]) for k in ("x", "label")}
         stacked = jax.device_put(stacked, batch_sharding)
         state = fresh_state()
-        compiled, cold_s, cached_s = compile_seconds(train_steps, state, stacked)
+        compiled, trace_s, cold_s, cached_s = compile_seconds(train_steps, state, stacked)
         state, metrics = compiled(state, stacked)  # warm-up
 
         walls, cpus = [], []
@@ -133,7 +138,7 @@ def main(argv):
         wall_s, cpu_s = statistics.median(walls), statistics.median(cpus)
         per_step[n] = wall_s / n
         print(
-            f"| {n} | {cold_s:.1f} | {cached_s:.2f} | {1e3 * wall_s / n:.1f} "
+            f"| {n} | {trace_s:.1f} | {cold_s:.1f} | {cached_s:.2f} | {1e3 * wall_s / n:.1f} "
             f"({1e3 * cpu_s / n:.0f}) | {training.batch_size * n / wall_s:,.0f} "
             f"| {training.n_iters * wall_s / n / 60:.1f} min |",
             flush=True,
