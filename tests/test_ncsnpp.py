@@ -397,6 +397,45 @@ def test_upfirdn2d_matches_its_definition(up, down, pad):
     np.testing.assert_allclose(got, _upfirdn2d_numpy(x, k, up, down, pad), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_matrices_compute_a_correlation(m):
+    # F(m, 3) in one dimension: A^T [(G g) * (B^T d)] is y_i = sum_k d_{i+k} g_k for the
+    # m + 2 inputs d; the 2-D algorithm nests it along rows and columns.
+    F = layers._WINOGRAD[m]
+    rng = np.random.default_rng(m)
+    for _ in range(5):
+        d, g = rng.normal(size=m + 2), rng.normal(size=3)
+        correlation = np.array([d[i : i + 3] @ g for i in range(m)])
+        np.testing.assert_allclose(F.AT @ ((F.G @ g) * (F.BT @ d)), correlation, atol=1e-12)
+    d, g = rng.normal(size=(m + 2, m + 2)), rng.normal(size=(3, 3))
+    tile = F.AT @ ((F.G @ g @ F.G.T) * (F.BT @ d @ F.BT.T)) @ F.AT.T
+    direct = [[np.sum(d[i : i + 3, j : j + 3] * g) for j in range(m)] for i in range(m)]
+    np.testing.assert_allclose(tile, direct, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_auto_winograd_convolutions_agree_with_xla_in_both_modes(size):
+    # 64 channels: "auto" takes F(2x2, 3x3) at 8x8 and F(4x4, 3x3) at 16x16 on CPU. Reverse
+    # mode, forward mode and a vmap of the linearised function (as likelihoods use) agree.
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 64))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 64, 64)) / 24.0
+
+    def loss(impl, x, kernel):
+        return jnp.sum(jnp.sin(layers.conv2d(x, kernel, conv_impl=impl)))
+
+    for impl in ("auto", "winograd", "winograd4"):
+        grads = jax.grad(functools.partial(loss, impl), argnums=(0, 1))(x, kernel)
+        grads_xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(x, kernel)
+        for g, g_xla in zip(grads, grads_xla, strict=True):
+            assert relative_difference(g, g_xla) < 1e-4, impl
+        probes = jax.random.normal(jax.random.key(2), (3, *x.shape))
+        conv = functools.partial(layers.conv2d, kernel=kernel, conv_impl=impl)
+        y, jvp = jax.linearize(conv, x)
+        y_xla, jvp_xla = jax.linearize(functools.partial(conv, conv_impl="xla"), x)
+        assert relative_difference(y, y_xla) < 1e-4, impl
+        assert relative_difference(jax.vmap(jvp)(probes), jax.vmap(jvp_xla)(probes)) < 1e-4
+
+
 def test_fused_fir_convolutions_match_unfused_away_from_the_border():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))

@@ -20,15 +20,16 @@ Convolutions have several interchangeable implementations (``conv_impl``, see
 :func:`conv2d`), equal up to float rounding and with the same parameters: ``"xla"``
 (``lax.conv_general_dilated`` and its XLA gradients), ``"patches"`` (im2col and one matrix
 product), ``"hybrid"`` (XLA's convolution forward and for the input gradient, the kernel
-gradient as matrix products) and ``"winograd"`` (3x3 convolutions by Winograd's F(2x2, 3x3),
-2.25x fewer multiplications, all as batched matrix products). On CPU XLA's kernel-gradient
-convolution is about 3x slower than its forward convolution; ``"auto"`` (the default)
-picks what was measured fastest there (``experiments/benchmarks/networks.py``), and XLA's
-own convolutions (cuDNN, the TPU convolution units) on accelerators.
+gradient as matrix products), ``"winograd"`` and ``"winograd4"`` (3x3 convolutions and their
+gradients by Winograd's F(2x2, 3x3) and F(4x4, 3x3), 2.25x and 4x fewer multiplications,
+as matrix products per tile element). ``"auto"`` (the default) picks what was measured
+fastest on CPU (``experiments/benchmarks/networks.py``), and XLA's own convolutions
+(cuDNN, the TPU convolution units) on accelerators.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +51,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "lrelu": functools.partial(nn.leaky_relu, negative_slope=0.2),
 }
 DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-CONV_IMPLS = ("auto", "xla", "patches", "hybrid", "winograd")
+CONV_IMPLS = ("auto", "xla", "patches", "hybrid", "winograd", "winograd4")
 # 1/sqrt(2): the skip rescaling of NCSN++/DDPM++, keeping the variance of x + h at that of x.
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
 # The reference initialises its 1x1 "NIN" projections (attention q, k, v and the DDPM
@@ -156,102 +157,243 @@ def _conv_hybrid_jvp(stride, padding, primals, tangents):
     return y, dy
 
 
-# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): Y = A^T [(G w G^T) * (B^T d B)] A
-# maps a 4x4 input tile d and a 3x3 filter w to a 2x2 output tile with 16 multiplications
-# instead of 36.
-_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
-_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
+# Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray 2016). Per overlapping
+# (m + 2) x (m + 2) input tile d (stride m) and 3 x 3 filter w, the m x m output tile is
+#     Y = A^T [(G w G^T) * (B^T d B)] A,
+# "*" elementwise: (m + 2)^2 multiplications instead of 9 m^2, and over channels
+# (m + 2)^2 matrix products (tile element of the input) x (tile element of the filter).
+# F(2x2, 3x3) (points 0, 1, -1, inf) saves 2.25x and rounds like direct summation (1e-6
+# relative in float32); F(4x4, 3x3) (points 0, 1, -1, 2, -2, inf) saves 4x and its
+# transforms round at about 1e-5 relative.
+@dataclasses.dataclass(frozen=True)
+class _Winograd:
+    m: int  # output tile size
+    BT: np.ndarray  # (m + 2, m + 2) input transform
+    G: np.ndarray  # (m + 2, 3) filter transform
+    AT: np.ndarray  # (m, m + 2) output transform
+
+
+_WINOGRAD = {
+    2: _Winograd(
+        2,
+        np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float),
+        np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float),
+    ),
+    4: _Winograd(
+        4,
+        np.array(
+            [
+                [4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1],
+            ],
+            float,
+        ),
+        np.array(
+            [
+                [1 / 4, 0, 0],
+                [-1 / 6, -1 / 6, -1 / 6],
+                [-1 / 6, 1 / 6, -1 / 6],
+                [1 / 24, 1 / 12, 1 / 6],
+                [1 / 24, -1 / 12, 1 / 6],
+                [0, 0, 1],
+            ]
+        ),
+        np.array(
+            [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+            float,
+        ),
+    ),
+}
 
 
 def _linear_combination(arrays, coefficients):
-    return functools.reduce(
-        jnp.add, [float(c) * a for c, a in zip(coefficients, arrays, strict=True) if c != 0]
-    )
-
-
-def _winograd_input_tiles(x: jax.Array) -> jax.Array:
-    """``V = B^T d B`` for the overlapping 4x4 tiles ``d`` (stride 2) of the SAME-padded
-    input, padded to whole tiles: shape ``(16, B * tiles_h * tiles_w, C)``."""
-    batch, height, width, channels = x.shape
-    tiles_h, tiles_w = -(-height // 2), -(-width // 2)
-    x = jnp.pad(x, ((0, 0), (1, 2 * tiles_h - height + 1), (1, 2 * tiles_w - width + 1), (0, 0)))
-    # Tile row a of tile i is padded row 2 i + a = 2 (i + a // 2) + a % 2: a unit-stride
-    # slice once rows are grouped in pairs (likewise for columns). Separably: rows, columns.
-    x = x.reshape(batch, tiles_h + 1, 2, 2 * tiles_w + 2, channels)
-    rows = [x[:, a // 2 : a // 2 + tiles_h, a % 2] for a in range(4)]
-    rows = [
-        _linear_combination(rows, coeffs).reshape(batch, tiles_h, tiles_w + 1, 2, channels)
-        for coeffs in _WINOGRAD_BT
+    terms = [
+        a if c == 1 else -a if c == -1 else float(c) * a
+        for c, a in zip(coefficients, arrays, strict=True)
+        if c != 0
     ]
-    V = jnp.stack(
+    return functools.reduce(jnp.add, terms)
+
+
+def _pad_axis(a: jax.Array, axis: int, low: int, high: int) -> jax.Array:
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (low, high)
+    return jnp.pad(a, widths)
+
+
+# The transforms are separable: along rows, then along columns. Each 1-D stage is written
+# out as unit-stride slices and sums of a few arrays (XLA fuses and vectorises them over
+# channels); its transpose is written out too, so that JAX's transposes of both are again
+# slices and sums rather than sums of many padded copies, which XLA:CPU runs 10-30x slower.
+
+
+def _tiles_1d(x: jax.Array, BT: np.ndarray, m: int, axis: int) -> list[jax.Array]:
+    """``z_r[i] = sum_a BT[r, a] x[m i + a]`` (tile ``i``'s element ``r``) along ``axis``,
+    of length ``m (T + 1)``: ``m + 2`` arrays with ``T`` there."""
+    tiles = x.shape[axis] // m - 1
+    blocks = x.reshape(*x.shape[:axis], tiles + 1, m, *x.shape[axis + 1 :])
+    # Element a of tile i is element a % m of block i + a // m.
+    pieces = [
+        lax.index_in_dim(
+            lax.slice_in_dim(blocks, a // m, a // m + tiles, axis=axis), a % m, axis + 1, False
+        )
+        for a in range(BT.shape[0])
+    ]
+    return [_linear_combination(pieces, row) for row in BT]
+
+
+def _tiles_1d_transpose(z: Sequence[jax.Array], BT: np.ndarray, m: int, axis: int) -> jax.Array:
+    """The transpose of :func:`_tiles_1d`: overlapping tiles summed back into place."""
+    pieces = [_linear_combination(z, column) for column in BT.T]
+    # Block j's element p is element p of tile j and, for p < 2, element m + p of tile j - 1.
+    columns = [_pad_axis(pieces[p], axis, 0, 1) for p in range(m)]
+    for p in range(len(pieces) - m):
+        columns[p] = columns[p] + _pad_axis(pieces[m + p], axis, 1, 0)
+    blocks = jnp.stack(columns, axis=axis + 1)
+    return blocks.reshape(*blocks.shape[:axis], -1, *blocks.shape[axis + 2 :])
+
+
+def _untile_1d(z: Sequence[jax.Array], AT: np.ndarray, axis: int) -> jax.Array:
+    """``y[m i + j] = sum_r AT[j, r] z_r[i]``: output tiles side by side along ``axis``."""
+    y = jnp.stack([_linear_combination(z, row) for row in AT], axis=axis + 1)
+    return y.reshape(*y.shape[:axis], -1, *y.shape[axis + 2 :])
+
+
+def _untile_1d_transpose(y: jax.Array, AT: np.ndarray, axis: int) -> list[jax.Array]:
+    """The transpose of :func:`_untile_1d`."""
+    m = AT.shape[0]
+    y = y.reshape(*y.shape[:axis], -1, m, *y.shape[axis + 1 :])
+    pieces = [lax.index_in_dim(y, j, axis + 1, False) for j in range(m)]
+    return [_linear_combination(pieces, column) for column in AT.T]
+
+
+def _winograd_tiles(x: jax.Array, F: _Winograd) -> list[list[jax.Array]]:
+    """``V_rs = (B^T d B)_rs`` for every tile ``d`` of the SAME-padded input: ``(m+2)^2``
+    arrays ``(B * tiles_h * tiles_w, C)``."""
+    batch, height, width, channels = x.shape
+    tiles_h, tiles_w = -(-height // F.m), -(-width // F.m)
+    padding = ((0, 0), (1, F.m * (tiles_h + 1) - height - 1), (1, F.m * (tiles_w + 1) - width - 1))
+    x = jnp.pad(x, (*padding, (0, 0)))
+    return [
+        [v.reshape(-1, channels) for v in _tiles_1d(rows, F.BT, F.m, 2)]
+        for rows in _tiles_1d(x, F.BT, F.m, 1)
+    ]
+
+
+def _winograd_filter(kernel: jax.Array, F: _Winograd) -> list[list[jax.Array]]:
+    """``U_rs = (G w G^T)_rs`` for a 3x3 HWIO kernel: ``(m+2)^2`` arrays ``(C, O)``, as one
+    matrix product with ``G (x) G`` (whose transpose is one too) split into pieces."""
+    n = F.G.shape[0]
+    channels, features = kernel.shape[2:]
+    G2 = jnp.asarray(np.kron(F.G, F.G), kernel.dtype)  # (n^2, 9): [r n + s, a 3 + b]
+    U = lax.split(G2 @ kernel.reshape(9, -1), [1] * n * n, axis=0)
+    return [[U[r * n + s].reshape(channels, features) for s in range(n)] for r in range(n)]
+
+
+def _winograd_output(M, F: _Winograd, shape) -> jax.Array:
+    """``Y = A^T M A`` per tile, the tiles side by side, cropped to ``shape`` (B, H, W, O)."""
+    batch, height, width, features = shape
+    tiles = (batch, -(-height // F.m), -(-width // F.m), features)
+    rows = [_untile_1d([v.reshape(tiles) for v in row], F.AT, 2) for row in M]
+    return _untile_1d(rows, F.AT, 1)[:, :height, :width]
+
+
+def _winograd_products(V, U):
+    return [
+        [v @ u for v, u in zip(v_row, u_row, strict=True)]
+        for v_row, u_row in zip(V, U, strict=True)
+    ]
+
+
+def _winograd_conv(x: jax.Array, kernel: jax.Array, F: _Winograd) -> jax.Array:
+    shape = (*x.shape[:3], kernel.shape[-1])
+    return _winograd_output(
+        _winograd_products(_winograd_tiles(x, F), _winograd_filter(kernel, F)), F, shape
+    )
+
+
+def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd) -> jax.Array:
+    """The transpose in ``x`` of ``x -> conv(x, kernel)`` applied to ``g`` (the input
+    gradient), each Winograd step transposed: output transform, products, input transform."""
+    batch, height, width, features = g.shape
+    channels = kernel.shape[2]
+    tiles_h, tiles_w = -(-height // F.m), -(-width // F.m)
+    g = jnp.pad(g, ((0, 0), (0, F.m * tiles_h - height), (0, F.m * tiles_w - width), (0, 0)))
+    dP = _untile_1d_transpose(g, F.AT, 1)
+    dM = [_untile_1d_transpose(rows, F.AT, 2) for rows in dP]
+    U = _winograd_filter(kernel, F)
+    dV = [
         [
-            _linear_combination(
-                [row[:, :, b // 2 : b // 2 + tiles_w, b % 2] for b in range(4)], coeffs
-            )
-            for row in rows
-            for coeffs in _WINOGRAD_BT
+            (dm.reshape(-1, features) @ u.T).reshape(batch, tiles_h, tiles_w, channels)
+            for dm, u in zip(dm_row, u_row, strict=True)
         ]
-    )
-    return V.reshape(16, -1, channels)
+        for dm_row, u_row in zip(dM, U, strict=True)
+    ]
+    dR = [_tiles_1d_transpose(row, F.BT, F.m, 2) for row in dV]
+    dx = _tiles_1d_transpose(dR, F.BT, F.m, 1)
+    return dx[:, 1 : 1 + height, 1 : 1 + width]
 
 
-def _winograd_output(M: jax.Array, batch: int, height: int, width: int) -> jax.Array:
-    """``Y = A^T M A`` per tile, the 2x2 tiles put side by side and cropped to the image."""
-    tiles_h, tiles_w = -(-height // 2), -(-width // 2)
-    M = M.reshape(4, 4, batch, tiles_h, tiles_w, -1)
-    y_rows = [_linear_combination(list(M), coeffs) for coeffs in _WINOGRAD_AT]
-    y = jnp.stack(
-        [
-            jnp.stack([_linear_combination(list(row), coeffs) for coeffs in _WINOGRAD_AT], axis=3)
-            for row in y_rows
-        ],
-        axis=2,
-    )
-    return y.reshape(batch, 2 * tiles_h, 2 * tiles_w, -1)[:, :height, :width]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
+    return _winograd_conv(x, kernel, _WINOGRAD[m])
 
 
-def _winograd_filter(kernel: jax.Array) -> jax.Array:
-    """``U = G w G^T`` for a 3x3 HWIO kernel: shape ``(16, C, O)``."""
-    G = jnp.asarray(_WINOGRAD_G, kernel.dtype)
-    return jnp.einsum("ra,abco,sb->rsco", G, kernel, G).reshape(16, *kernel.shape[2:])
-
-
-def _conv3x3_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    # The 16 products of a tile, for all tiles at once: one matrix product per tile element.
-    # Differentiated by JAX: the transforms are linear and their transposes cheap.
-    M = jnp.einsum("tnc,tco->tno", _winograd_input_tiles(x), _winograd_filter(kernel))
-    return _winograd_output(M, *x.shape[:3])
+@functools.partial(_conv3x3_winograd.defjvp, symbolic_zeros=True)
+def _conv3x3_winograd_jvp(m, primals, tangents):
+    # dy = conv(dx, w) + conv(x, dw), both by Winograd. conv(dx, w) is written as the
+    # transposed algorithm applied to the flipped kernel (a 3x3 SAME convolution's transpose
+    # is the convolution with w[2 - u, 2 - v] and channels swapped), so that reverse mode,
+    # transposing it, computes dL/dx by the forward algorithm. conv(x, dw) reuses the input
+    # tiles V: its transpose, dL/dU_rs = V_rs^T dL/dM_rs, is a matrix product per tile element.
+    # A custom JVP (not VJP) keeps forward mode, jax.linearize in likelihoods, available.
+    F = _WINOGRAD[m]
+    x, kernel = primals
+    dx, dkernel = tangents
+    shape = (*x.shape[:3], kernel.shape[-1])
+    V = _winograd_tiles(x, F)
+    y = _winograd_output(_winograd_products(V, _winograd_filter(kernel, F)), F, shape)
+    dy = jnp.zeros_like(y)
+    if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+        flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+        dy = dy + _winograd_conv_transpose(dx, flipped, F)
+    if not isinstance(dkernel, jax.custom_derivatives.SymbolicZero):
+        dy = dy + _winograd_output(_winograd_products(V, _winograd_filter(dkernel, F)), F, shape)
+    return y, dy
 
 
 def _is_3x3_same(kernel, stride, padding) -> bool:
     return kernel.shape[:2] == (3, 3) and stride == 1 and padding == ((1, 1), (1, 1))
 
 
-def _conv_winograd(x, kernel, stride, padding):
+def _conv_winograd(x, kernel, stride, padding, m=2):
     if _is_3x3_same(kernel, stride, padding):
-        return _conv3x3_winograd(x, kernel)
+        return _conv3x3_winograd(x, kernel, m)
     return _conv_hybrid(x, kernel, stride, padding)
 
 
-# "auto" on CPU uses Winograd for 3x3 convolutions with at least this many output pixels
-# (batch x height x width) and channels in and out; below, its transforms cost more than
-# they save (measured on a 2-core CPU: equal at 8 x 16 x 16 x 256, 25-40% faster at
-# 8 x 32 x 32 x 256), and its larger graphs compile more slowly.
-AUTO_WINOGRAD_MIN_PIXELS = 2048
+# "auto" on CPU: 3x3 convolutions with at least AUTO_WINOGRAD_MIN_CHANNELS channels in and
+# out by Winograd, F(4x4, 3x3) on images of at least AUTO_WINOGRAD4_MIN_SIZE pixels a side
+# and F(2x2, 3x3) below; the others as "hybrid". Measured on a 2-core CPU
+# (experiments/benchmarks/networks.py and conv_layers.py).
 AUTO_WINOGRAD_MIN_CHANNELS = 64
+AUTO_WINOGRAD4_MIN_SIZE = 16
 
 
 def _conv_auto(x, kernel, stride, padding):
     if jax.default_backend() != "cpu":
         return _conv_xla(x, kernel, stride, padding)
-    pixels = x.shape[0] * x.shape[1] * x.shape[2]
     if (
         _is_3x3_same(kernel, stride, padding)
-        and pixels >= AUTO_WINOGRAD_MIN_PIXELS
         and min(kernel.shape[2:]) >= AUTO_WINOGRAD_MIN_CHANNELS
     ):
-        return _conv3x3_winograd(x, kernel)
+        m = 4 if min(x.shape[1:3]) >= AUTO_WINOGRAD4_MIN_SIZE else 2
+        return _conv3x3_winograd(x, kernel, m)
     return _conv_hybrid(x, kernel, stride, padding)
 
 
@@ -261,6 +403,7 @@ _CONV_FUNCTIONS = {
     "patches": _conv_patches,
     "hybrid": _conv_hybrid,
     "winograd": _conv_winograd,
+    "winograd4": functools.partial(_conv_winograd, m=4),
 }
 
 
@@ -290,10 +433,14 @@ def conv2d(
     - ``"winograd"``: 3x3, stride 1, SAME convolutions by Winograd's minimal filtering
       F(2x2, 3x3) (Lavin & Gray 2016): per overlapping 4x4 input tile :math:`d`,
       :math:`Y = A^\top [(G w G^\top) \odot (B^\top d B)] A`, the elementwise product
-      being, over channels, 16 matrix products; other convolutions as ``"hybrid"``.
+      being, over channels, 16 matrix products (2.25x fewer multiplications); its
+      gradients by the same algorithm (a custom JVP); other convolutions as ``"hybrid"``.
       Rounding differs from direct summation by about 1e-6 relative in float32;
-    - ``"auto"``: on CPU ``"winograd"`` for large enough 3x3 convolutions and ``"hybrid"``
-      for the others, the fastest measured there; ``"xla"`` on GPU and TPU.
+    - ``"winograd4"``: the same with F(4x4, 3x3), 6x6 tiles and 36 matrix products (4x
+      fewer multiplications), rounding at about 1e-5 relative in float32;
+    - ``"auto"``: on CPU ``"winograd4"``/``"winograd"`` for 3x3 convolutions with enough
+      channels and ``"hybrid"`` for the others, the fastest measured there; ``"xla"`` on
+      GPU and TPU.
     """
     impl = choose("conv_impl", conv_impl, _CONV_FUNCTIONS)
     return impl(x, kernel, stride, _explicit_padding(x.shape, kernel.shape, stride, padding))
