@@ -232,6 +232,21 @@ def _pad_axis(a: jax.Array, axis: int, low: int, high: int) -> jax.Array:
 # slices and sums rather than sums of many padded copies, which XLA:CPU runs 10-30x slower.
 
 
+def _materialise(arrays, one: jax.Array):
+    """``arrays`` unchanged, but computed once and stored. XLA fuses cheap elementwise
+    producers into each of their consumers, so a first-stage array read by several second-
+    stage ones would be recomputed by each (and ``lax.optimization_barrier`` does not stop
+    fusion on CPU); a division is "expensive", and XLA does not duplicate it. Dividing by a
+    1 known only at run time (:func:`_runtime_one`) is exact, and JAX transposes it to a
+    division of the cotangent, so the reverse pass is materialised at the same places."""
+    return jax.tree.map(lambda a: a / one, arrays)
+
+
+def _runtime_one(kernel: jax.Array) -> jax.Array:
+    # Exactly 1 for a finite kernel (XLA does not fold 0 * x for floats: x may be NaN).
+    return 1 + 0 * lax.stop_gradient(kernel[0, 0, 0, 0])
+
+
 def _tiles_1d(x: jax.Array, BT: np.ndarray, m: int, axis: int) -> list[jax.Array]:
     """``z_r[i] = sum_a BT[r, a] x[m i + a]`` (tile ``i``'s element ``r``) along ``axis``,
     of length ``m (T + 1)``: ``m + 2`` arrays with ``T`` there."""
@@ -272,7 +287,7 @@ def _untile_1d_transpose(y: jax.Array, AT: np.ndarray, axis: int) -> list[jax.Ar
     return [_linear_combination(pieces, column) for column in AT.T]
 
 
-def _winograd_tiles(x: jax.Array, F: _Winograd) -> list[list[jax.Array]]:
+def _winograd_tiles(x: jax.Array, F: _Winograd, one) -> list[list[jax.Array]]:
     """``V_rs = (B^T d B)_rs`` for every tile ``d`` of the SAME-padded input: ``(m+2)^2``
     arrays ``(B * tiles_h * tiles_w, C)``."""
     batch, height, width, channels = x.shape
@@ -281,7 +296,7 @@ def _winograd_tiles(x: jax.Array, F: _Winograd) -> list[list[jax.Array]]:
     x = jnp.pad(x, (*padding, (0, 0)))
     return [
         [v.reshape(-1, channels) for v in _tiles_1d(rows, F.BT, F.m, 2)]
-        for rows in _tiles_1d(x, F.BT, F.m, 1)
+        for rows in _materialise(_tiles_1d(x, F.BT, F.m, 1), one)
     ]
 
 
@@ -295,11 +310,11 @@ def _winograd_filter(kernel: jax.Array, F: _Winograd) -> list[list[jax.Array]]:
     return [[U[r * n + s].reshape(channels, features) for s in range(n)] for r in range(n)]
 
 
-def _winograd_output(M, F: _Winograd, shape) -> jax.Array:
+def _winograd_output(M, F: _Winograd, shape, one) -> jax.Array:
     """``Y = A^T M A`` per tile, the tiles side by side, cropped to ``shape`` (B, H, W, O)."""
     batch, height, width, features = shape
     tiles = (batch, -(-height // F.m), -(-width // F.m), features)
-    rows = [_untile_1d([v.reshape(tiles) for v in row], F.AT, 2) for row in M]
+    rows = _materialise([_untile_1d([v.reshape(tiles) for v in row], F.AT, 2) for row in M], one)
     return _untile_1d(rows, F.AT, 1)[:, :height, :width]
 
 
@@ -312,8 +327,9 @@ def _winograd_products(V, U):
 
 def _winograd_conv(x: jax.Array, kernel: jax.Array, F: _Winograd) -> jax.Array:
     shape = (*x.shape[:3], kernel.shape[-1])
+    one = _runtime_one(kernel)
     return _winograd_output(
-        _winograd_products(_winograd_tiles(x, F), _winograd_filter(kernel, F)), F, shape
+        _winograd_products(_winograd_tiles(x, F, one), _winograd_filter(kernel, F)), F, shape, one
     )
 
 
@@ -324,7 +340,8 @@ def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd) -> j
     channels = kernel.shape[2]
     tiles_h, tiles_w = -(-height // F.m), -(-width // F.m)
     g = jnp.pad(g, ((0, 0), (0, F.m * tiles_h - height), (0, F.m * tiles_w - width), (0, 0)))
-    dP = _untile_1d_transpose(g, F.AT, 1)
+    one = _runtime_one(kernel)
+    dP = _materialise(_untile_1d_transpose(g, F.AT, 1), one)
     dM = [_untile_1d_transpose(rows, F.AT, 2) for rows in dP]
     U = _winograd_filter(kernel, F)
     dV = [
@@ -334,7 +351,7 @@ def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd) -> j
         ]
         for dm_row, u_row in zip(dM, U, strict=True)
     ]
-    dR = [_tiles_1d_transpose(row, F.BT, F.m, 2) for row in dV]
+    dR = _materialise([_tiles_1d_transpose(row, F.BT, F.m, 2) for row in dV], one)
     dx = _tiles_1d_transpose(dR, F.BT, F.m, 1)
     return dx[:, 1 : 1 + height, 1 : 1 + width]
 
@@ -356,14 +373,16 @@ def _conv3x3_winograd_jvp(m, primals, tangents):
     x, kernel = primals
     dx, dkernel = tangents
     shape = (*x.shape[:3], kernel.shape[-1])
-    V = _winograd_tiles(x, F)
-    y = _winograd_output(_winograd_products(V, _winograd_filter(kernel, F)), F, shape)
+    one = _runtime_one(kernel)
+    V = _winograd_tiles(x, F, one)
+    y = _winograd_output(_winograd_products(V, _winograd_filter(kernel, F)), F, shape, one)
     dy = jnp.zeros_like(y)
     if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
         flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
         dy = dy + _winograd_conv_transpose(dx, flipped, F)
     if not isinstance(dkernel, jax.custom_derivatives.SymbolicZero):
-        dy = dy + _winograd_output(_winograd_products(V, _winograd_filter(dkernel, F)), F, shape)
+        dU = _winograd_filter(dkernel, F)
+        dy = dy + _winograd_output(_winograd_products(V, dU), F, shape, one)
     return y, dy
 
 
@@ -377,23 +396,28 @@ def _conv_winograd(x, kernel, stride, padding, m=2):
     return _conv_hybrid(x, kernel, stride, padding)
 
 
-# "auto" on CPU: 3x3 convolutions with at least AUTO_WINOGRAD_MIN_CHANNELS channels in and
-# out by Winograd, F(4x4, 3x3) on images of at least AUTO_WINOGRAD4_MIN_SIZE pixels a side
-# and F(2x2, 3x3) below; the others as "hybrid". Measured on a 2-core CPU
-# (experiments/benchmarks/networks.py and conv_layers.py).
+# "auto" on CPU: 3x3 SAME convolutions with at least AUTO_WINOGRAD_MIN_CHANNELS channels in
+# and out by Winograd, F(4x4, 3x3) on images of at least AUTO_WINOGRAD4_MIN_SIZE pixels a
+# side and F(2x2, 3x3) from AUTO_WINOGRAD_MIN_SIZE; the others as "hybrid". Measured on a
+# 2-core CPU with experiments/benchmarks/conv_layers.py (four BigGAN residual blocks, 256
+# channels, batch 8; milliseconds forward / forward + backward): at 32x32 xla 462 / 1487,
+# F(4x4) 215 / 995; at 16x16 xla 117 / 432, F(2x2) 87 / 302, F(4x4) 75 / 324; at 8x8 xla
+# 27 / 88, F(2x2) 36 / 114 (the matrix products have too few rows there).
 AUTO_WINOGRAD_MIN_CHANNELS = 64
-AUTO_WINOGRAD4_MIN_SIZE = 16
+AUTO_WINOGRAD_MIN_SIZE = 16
+AUTO_WINOGRAD4_MIN_SIZE = 32
 
 
 def _conv_auto(x, kernel, stride, padding):
     if jax.default_backend() != "cpu":
         return _conv_xla(x, kernel, stride, padding)
+    size = min(x.shape[1:3])
     if (
         _is_3x3_same(kernel, stride, padding)
         and min(kernel.shape[2:]) >= AUTO_WINOGRAD_MIN_CHANNELS
+        and size >= AUTO_WINOGRAD_MIN_SIZE
     ):
-        m = 4 if min(x.shape[1:3]) >= AUTO_WINOGRAD4_MIN_SIZE else 2
-        return _conv3x3_winograd(x, kernel, m)
+        return _conv3x3_winograd(x, kernel, 4 if size >= AUTO_WINOGRAD4_MIN_SIZE else 2)
     return _conv_hybrid(x, kernel, stride, padding)
 
 
