@@ -82,7 +82,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.ema_rate = 0.9999
     model.dtype = "float32"  # computation dtype: 'float32' | 'bfloat16'
     model.num_classes = 0  # > 0: class-conditional, label num_classes is the null label
-    model.conv_impl = "auto"  # 'xla' | 'patches' | 'auto' (patches on CPU)
+    model.conv_impl = "auto"  # see layers.CONV_IMPLS; auto: Winograd on CPU, XLA's otherwise
     model.centered = data.get_ref("centered")
 
     config.optim = optim = ml_collections.ConfigDict()
