@@ -398,7 +398,9 @@ def _conv_winograd(x, kernel, stride, padding, m=2):
 
 # "auto" on CPU: 3x3 SAME convolutions with at least AUTO_WINOGRAD_MIN_CHANNELS channels in
 # and out by Winograd, F(4x4, 3x3) on images of at least AUTO_WINOGRAD4_MIN_SIZE pixels a
-# side and F(2x2, 3x3) from AUTO_WINOGRAD_MIN_SIZE; the others as "hybrid". Measured on a
+# side in batches of at least AUTO_WINOGRAD4_MIN_PIXELS pixels (at 32x32x256, batch 1 and 2,
+# F(2x2) is faster: its matrix products have 4x more rows), F(2x2, 3x3) from
+# AUTO_WINOGRAD_MIN_SIZE; the others as "hybrid". Measured on a
 # 2-core CPU with experiments/benchmarks/conv_layers.py (four BigGAN residual blocks, 256
 # channels, batch 8; milliseconds forward / forward + backward): at 32x32 xla 462 / 1487,
 # F(4x4) 215 / 995; at 16x16 xla 117 / 432, F(2x2) 87 / 302, F(4x4) 75 / 324; at 8x8 xla
@@ -406,6 +408,7 @@ def _conv_winograd(x, kernel, stride, padding, m=2):
 AUTO_WINOGRAD_MIN_CHANNELS = 64
 AUTO_WINOGRAD_MIN_SIZE = 16
 AUTO_WINOGRAD4_MIN_SIZE = 32
+AUTO_WINOGRAD4_MIN_PIXELS = 8192
 
 
 def _conv_auto(x, kernel, stride, padding):
@@ -417,7 +420,9 @@ def _conv_auto(x, kernel, stride, padding):
         and min(kernel.shape[2:]) >= AUTO_WINOGRAD_MIN_CHANNELS
         and size >= AUTO_WINOGRAD_MIN_SIZE
     ):
-        return _conv3x3_winograd(x, kernel, 4 if size >= AUTO_WINOGRAD4_MIN_SIZE else 2)
+        pixels = x.shape[0] * x.shape[1] * x.shape[2]
+        large = size >= AUTO_WINOGRAD4_MIN_SIZE and pixels >= AUTO_WINOGRAD4_MIN_PIXELS
+        return _conv3x3_winograd(x, kernel, 4 if large else 2)
     return _conv_hybrid(x, kernel, stride, padding)
 
 
