@@ -226,12 +226,6 @@ def _pad_axis(a: jax.Array, axis: int, low: int, high: int) -> jax.Array:
     return jnp.pad(a, widths)
 
 
-# The transforms are separable: along rows, then along columns. Each 1-D stage is written
-# out as unit-stride slices and sums of a few arrays (XLA fuses and vectorises them over
-# channels); its transpose is written out too, so that JAX's transposes of both are again
-# slices and sums rather than sums of many padded copies, which XLA:CPU runs 10-30x slower.
-
-
 def _materialise(arrays, one: jax.Array):
     """``arrays`` unchanged, but computed once and stored. XLA fuses cheap elementwise
     producers into each of their consumers, so a first-stage array read by several second-
@@ -245,6 +239,12 @@ def _materialise(arrays, one: jax.Array):
 def _runtime_one(kernel: jax.Array) -> jax.Array:
     # Exactly 1 for a finite kernel (XLA does not fold 0 * x for floats: x may be NaN).
     return 1 + 0 * lax.stop_gradient(kernel[0, 0, 0, 0])
+
+
+# The transforms are separable: along rows, then along columns. Each 1-D stage is written
+# out as unit-stride slices and sums of a few arrays (XLA fuses and vectorises them over
+# channels); its transpose is written out too, so that JAX's transposes of both are again
+# slices and sums rather than sums of many padded copies, which XLA:CPU runs 10-30x slower.
 
 
 def _tiles_1d(x: jax.Array, BT: np.ndarray, m: int, axis: int) -> list[jax.Array]:
@@ -325,22 +325,19 @@ def _winograd_products(V, U):
     ]
 
 
-def _winograd_conv(x: jax.Array, kernel: jax.Array, F: _Winograd) -> jax.Array:
-    shape = (*x.shape[:3], kernel.shape[-1])
-    one = _runtime_one(kernel)
-    return _winograd_output(
-        _winograd_products(_winograd_tiles(x, F, one), _winograd_filter(kernel, F)), F, shape, one
-    )
+def _winograd_from_tiles(V, kernel: jax.Array, F: _Winograd, shape, one) -> jax.Array:
+    """The convolution, of output ``shape``, from the input tiles ``V`` of
+    :func:`_winograd_tiles`."""
+    return _winograd_output(_winograd_products(V, _winograd_filter(kernel, F)), F, shape, one)
 
 
-def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd) -> jax.Array:
+def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd, one) -> jax.Array:
     """The transpose in ``x`` of ``x -> conv(x, kernel)`` applied to ``g`` (the input
     gradient), each Winograd step transposed: output transform, products, input transform."""
     batch, height, width, features = g.shape
     channels = kernel.shape[2]
     tiles_h, tiles_w = -(-height // F.m), -(-width // F.m)
     g = jnp.pad(g, ((0, 0), (0, F.m * tiles_h - height), (0, F.m * tiles_w - width), (0, 0)))
-    one = _runtime_one(kernel)
     dP = _materialise(_untile_1d_transpose(g, F.AT, 1), one)
     dM = [_untile_1d_transpose(rows, F.AT, 2) for rows in dP]
     U = _winograd_filter(kernel, F)
@@ -358,7 +355,11 @@ def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd) -> j
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
-    return _winograd_conv(x, kernel, _WINOGRAD[m])
+    one = _runtime_one(kernel)
+    shape = (*x.shape[:3], kernel.shape[-1])
+    return _winograd_from_tiles(
+        _winograd_tiles(x, _WINOGRAD[m], one), kernel, _WINOGRAD[m], shape, one
+    )
 
 
 @functools.partial(_conv3x3_winograd.defjvp, symbolic_zeros=True)
@@ -375,14 +376,13 @@ def _conv3x3_winograd_jvp(m, primals, tangents):
     shape = (*x.shape[:3], kernel.shape[-1])
     one = _runtime_one(kernel)
     V = _winograd_tiles(x, F, one)
-    y = _winograd_output(_winograd_products(V, _winograd_filter(kernel, F)), F, shape, one)
+    y = _winograd_from_tiles(V, kernel, F, shape, one)
     dy = jnp.zeros_like(y)
     if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
         flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-        dy = dy + _winograd_conv_transpose(dx, flipped, F)
+        dy = dy + _winograd_conv_transpose(dx, flipped, F, one)
     if not isinstance(dkernel, jax.custom_derivatives.SymbolicZero):
-        dU = _winograd_filter(dkernel, F)
-        dy = dy + _winograd_output(_winograd_products(V, dU), F, shape, one)
+        dy = dy + _winograd_from_tiles(V, dkernel, F, shape, one)
     return y, dy
 
 
@@ -400,9 +400,9 @@ def _conv_winograd(x, kernel, stride, padding, m=2):
 # and out by Winograd, F(4x4, 3x3) on images of at least AUTO_WINOGRAD4_MIN_SIZE pixels a
 # side in batches of at least AUTO_WINOGRAD4_MIN_PIXELS pixels (at 32x32x256, batch 1 and 2,
 # F(2x2) is faster: its matrix products have 4x more rows), F(2x2, 3x3) from
-# AUTO_WINOGRAD_MIN_SIZE; the others as "hybrid". Measured on a
-# 2-core CPU with experiments/benchmarks/conv_layers.py (four BigGAN residual blocks, 256
-# channels, batch 8; milliseconds forward / forward + backward): at 32x32 xla 462 / 1487,
+# AUTO_WINOGRAD_MIN_SIZE; the others as "hybrid". Measured on a 2-core CPU with
+# experiments/benchmarks/conv_layers.py (four BigGAN residual blocks, 256 channels, batch
+# 8; milliseconds forward / forward + backward): at 32x32 xla 462 / 1487,
 # F(4x4) 215 / 995; at 16x16 xla 117 / 432, F(2x2) 87 / 302, F(4x4) 75 / 324; at 8x8 xla
 # 27 / 88, F(2x2) 36 / 114 (the matrix products have too few rows there).
 AUTO_WINOGRAD_MIN_CHANNELS = 64

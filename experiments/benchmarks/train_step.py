@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import pathlib
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -128,14 +127,12 @@ def main(argv):
         compiled, trace_s, cold_s, cached_s = compile_seconds(train_steps, state, stacked)
         state, metrics = compiled(state, stacked)  # warm-up
 
-        walls, cpus = [], []
-        for _ in range(FLAGS.calls):
-            start, start_cpu = time.perf_counter(), time.process_time()
+        def call(compiled=compiled, stacked=stacked):
+            nonlocal state
             state, metrics = compiled(state, stacked)
-            jax.block_until_ready(metrics)
-            walls.append(time.perf_counter() - start)
-            cpus.append(time.process_time() - start_cpu)
-        wall_s, cpu_s = statistics.median(walls), statistics.median(cpus)
+            return metrics
+
+        wall_s, cpu_s = median_time(call, FLAGS.calls)
         per_step[n] = wall_s / n
         print(
             f"| {n} | {trace_s:.1f} | {cold_s:.1f} | {cached_s:.2f} | {1e3 * wall_s / n:.1f} "
