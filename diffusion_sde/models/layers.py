@@ -283,7 +283,8 @@ def _untile_1d_transpose(y: jax.Array, AT: np.ndarray, axis: int) -> list[jax.Ar
     """The transpose of :func:`_untile_1d`."""
     m = AT.shape[0]
     y = y.reshape(*y.shape[:axis], -1, m, *y.shape[axis + 1 :])
-    pieces = [lax.index_in_dim(y, j, axis + 1, False) for j in range(m)]
+    # lax.split, not slices: JAX transposes it to a concatenation, slices to padded sums.
+    pieces = [p.squeeze(axis + 1) for p in lax.split(y, [1] * m, axis=axis + 1)]
     return [_linear_combination(pieces, column) for column in AT.T]
 
 
@@ -337,6 +338,7 @@ def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd, one)
     batch, height, width, features = g.shape
     channels = kernel.shape[2]
     tiles_h, tiles_w = -(-height // F.m), -(-width // F.m)
+    g = _materialise(g, one)  # in reverse mode: dL/dx, computed once
     g = jnp.pad(g, ((0, 0), (0, F.m * tiles_h - height), (0, F.m * tiles_w - width), (0, 0)))
     dP = _materialise(_untile_1d_transpose(g, F.AT, 1), one)
     dM = [_untile_1d_transpose(rows, F.AT, 2) for rows in dP]
@@ -355,10 +357,10 @@ def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd, one)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
-    one = _runtime_one(kernel)
+    F, one = _WINOGRAD[m], _runtime_one(kernel)
     shape = (*x.shape[:3], kernel.shape[-1])
-    return _winograd_from_tiles(
-        _winograd_tiles(x, _WINOGRAD[m], one), kernel, _WINOGRAD[m], shape, one
+    return _materialise(
+        _winograd_from_tiles(_winograd_tiles(x, F, one), kernel, F, shape, one), one
     )
 
 
@@ -370,20 +372,24 @@ def _conv3x3_winograd_jvp(m, primals, tangents):
     # transposing it, computes dL/dx by the forward algorithm. conv(x, dw) reuses the input
     # tiles V: its transpose, dL/dU_rs = V_rs^T dL/dM_rs, is a matrix product per tile element.
     # A custom JVP (not VJP) keeps forward mode, jax.linearize in likelihoods, available.
+    # y, dy and dx are materialised: in reverse mode the cotangents of y (read by both
+    # branches) and of x (the last stage of the input gradient) are then computed once,
+    # where XLA would otherwise fuse the whole chain of downstream cotangents (the residual
+    # stream's, through every later block) into each first-stage array, and recompute it.
     F = _WINOGRAD[m]
     x, kernel = primals
     dx, dkernel = tangents
     shape = (*x.shape[:3], kernel.shape[-1])
     one = _runtime_one(kernel)
     V = _winograd_tiles(x, F, one)
-    y = _winograd_from_tiles(V, kernel, F, shape, one)
+    y = _materialise(_winograd_from_tiles(V, kernel, F, shape, one), one)
     dy = jnp.zeros_like(y)
     if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
         flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
         dy = dy + _winograd_conv_transpose(dx, flipped, F, one)
     if not isinstance(dkernel, jax.custom_derivatives.SymbolicZero):
         dy = dy + _winograd_from_tiles(V, dkernel, F, shape, one)
-    return y, dy
+    return y, _materialise(dy, one)
 
 
 def _is_3x3_same(kernel, stride, padding) -> bool:
