@@ -301,13 +301,16 @@ def _winograd_tiles(x: jax.Array, F: _Winograd, one) -> list[list[jax.Array]]:
     ]
 
 
-def _winograd_filter(kernel: jax.Array, F: _Winograd) -> list[list[jax.Array]]:
+def _winograd_filter(kernel: jax.Array, F: _Winograd, one) -> list[list[jax.Array]]:
     """``U_rs = (G w G^T)_rs`` for a 3x3 HWIO kernel: ``(m+2)^2`` arrays ``(C, O)``, as one
-    matrix product with ``G (x) G`` (whose transpose is one too) split into pieces."""
+    matrix product with ``G (x) G`` split into pieces. Its transpose concatenates the
+    pieces' cotangents and multiplies by ``(G (x) G)^T``; the concatenation is materialised,
+    else XLA rewrites the product as a sum of ``(m+2)^2`` outer products fused elementwise
+    (3-8x slower)."""
     n = F.G.shape[0]
     channels, features = kernel.shape[2:]
     G2 = jnp.asarray(np.kron(F.G, F.G), kernel.dtype)  # (n^2, 9): [r n + s, a 3 + b]
-    U = lax.split(G2 @ kernel.reshape(9, -1), [1] * n * n, axis=0)
+    U = lax.split(_materialise(G2 @ kernel.reshape(9, -1), one), [1] * n * n, axis=0)
     return [[U[r * n + s].reshape(channels, features) for s in range(n)] for r in range(n)]
 
 
@@ -329,7 +332,7 @@ def _winograd_products(V, U):
 def _winograd_from_tiles(V, kernel: jax.Array, F: _Winograd, shape, one) -> jax.Array:
     """The convolution, of output ``shape``, from the input tiles ``V`` of
     :func:`_winograd_tiles`."""
-    return _winograd_output(_winograd_products(V, _winograd_filter(kernel, F)), F, shape, one)
+    return _winograd_output(_winograd_products(V, _winograd_filter(kernel, F, one)), F, shape, one)
 
 
 def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd, one) -> jax.Array:
@@ -342,7 +345,7 @@ def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd, one)
     g = jnp.pad(g, ((0, 0), (0, F.m * tiles_h - height), (0, F.m * tiles_w - width), (0, 0)))
     dP = _materialise(_untile_1d_transpose(g, F.AT, 1), one)
     dM = [_untile_1d_transpose(rows, F.AT, 2) for rows in dP]
-    U = _winograd_filter(kernel, F)
+    U = _winograd_filter(kernel, F, one)
     dV = [
         [
             (dm.reshape(-1, features) @ u.T).reshape(batch, tiles_h, tiles_w, channels)
@@ -406,11 +409,12 @@ def _conv_winograd(x, kernel, stride, padding, m=2):
 # and out by Winograd, F(4x4, 3x3) on images of at least AUTO_WINOGRAD4_MIN_SIZE pixels a
 # side in batches of at least AUTO_WINOGRAD4_MIN_PIXELS pixels (at 32x32x256, batch 1 and 2,
 # F(2x2) is faster: its matrix products have 4x more rows), F(2x2, 3x3) from
-# AUTO_WINOGRAD_MIN_SIZE; the others as "hybrid". Measured on a 2-core CPU with
-# experiments/benchmarks/conv_layers.py (four BigGAN residual blocks, 256 channels, batch
-# 8; milliseconds forward / forward + backward): at 32x32 xla 462 / 1487,
-# F(4x4) 215 / 995; at 16x16 xla 117 / 432, F(2x2) 87 / 302, F(4x4) 75 / 324; at 8x8 xla
-# 27 / 88, F(2x2) 36 / 114 (the matrix products have too few rows there).
+# AUTO_WINOGRAD_MIN_SIZE; 1x1 convolutions as "hybrid" (XLA's kernel gradient of a 1x1
+# convolution is 2x slower than the one matrix product); the others as "xla". Measured on
+# a 2-core CPU with experiments/benchmarks/conv_layers.py (four BigGAN residual blocks, 256
+# channels, batch 8, dropout; milliseconds forward + backward): at 32x32 xla 1895,
+# F(4x4) 963-1019; at 16x16 xla 431, F(2x2) 341, F(4x4) 336; at 8x8 xla 111, F(2x2) 124,
+# hybrid 139 (the matrix products have too few rows there).
 AUTO_WINOGRAD_MIN_CHANNELS = 64
 AUTO_WINOGRAD_MIN_SIZE = 16
 AUTO_WINOGRAD4_MIN_SIZE = 32
@@ -429,7 +433,9 @@ def _conv_auto(x, kernel, stride, padding):
         pixels = x.shape[0] * x.shape[1] * x.shape[2]
         large = size >= AUTO_WINOGRAD4_MIN_SIZE and pixels >= AUTO_WINOGRAD4_MIN_PIXELS
         return _conv3x3_winograd(x, kernel, 4 if large else 2)
-    return _conv_hybrid(x, kernel, stride, padding)
+    if kernel.shape[:2] == (1, 1):
+        return _conv_hybrid(x, kernel, stride, padding)
+    return _conv_xla(x, kernel, stride, padding)
 
 
 _CONV_FUNCTIONS = {
@@ -474,8 +480,8 @@ def conv2d(
     - ``"winograd4"``: the same with F(4x4, 3x3), 6x6 tiles and 36 matrix products (4x
       fewer multiplications), rounding at about 1e-5 relative in float32;
     - ``"auto"``: on CPU ``"winograd4"``/``"winograd"`` for 3x3 convolutions with enough
-      channels and ``"hybrid"`` for the others, the fastest measured there; ``"xla"`` on
-      GPU and TPU.
+      channels, ``"hybrid"`` for 1x1 convolutions and ``"xla"`` for the others, the
+      fastest measured there; ``"xla"`` on GPU and TPU.
     """
     impl = choose("conv_impl", conv_impl, _CONV_FUNCTIONS)
     return impl(x, kernel, stride, _explicit_padding(x.shape, kernel.shape, stride, padding))
