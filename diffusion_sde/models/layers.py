@@ -412,9 +412,10 @@ def _conv_winograd(x, kernel, stride, padding, m=2):
 # AUTO_WINOGRAD_MIN_SIZE; 1x1 convolutions as "hybrid" (XLA's kernel gradient of a 1x1
 # convolution is 2x slower than the one matrix product); the others as "xla". Measured on
 # a 2-core CPU with experiments/benchmarks/conv_layers.py (four BigGAN residual blocks, 256
-# channels, batch 8, dropout; milliseconds forward + backward): at 32x32 xla 1895,
-# F(4x4) 963-1019; at 16x16 xla 431, F(2x2) 341, F(4x4) 336; at 8x8 xla 111, F(2x2) 124,
-# hybrid 139 (the matrix products have too few rows there).
+# channels, batch 8; milliseconds forward / forward + backward with dropout): at 32x32 xla
+# 595 / 2000, F(4x4) 223 / 776-1019; at 16x16 xla 121 / 470, F(2x2) 86 / 311, F(4x4)
+# 95 / 280 (a tie within this machine's noise); at 8x8 xla 30 / 107, F(2x2) 41 / 116,
+# hybrid 35 / 131 (the matrix products have too few rows there).
 AUTO_WINOGRAD_MIN_CHANNELS = 64
 AUTO_WINOGRAD_MIN_SIZE = 16
 AUTO_WINOGRAD4_MIN_SIZE = 32

@@ -3,9 +3,10 @@ r"""Benchmark of the convolution implementations (``conv_impl``) layer by layer.
 For each image size it times, per implementation, one 3x3 SAME convolution (forward, the
 reverse-mode pullback that gives both gradients, and a forward-mode JVP in the input) and a
 stack of BigGAN residual blocks as NCSN++/DDPM++ use them (forward, and forward + backward
-of a sum of squares in the parameters and the input). It is the measurement behind the
-thresholds of ``conv_impl="auto"`` (``diffusion_sde/models/layers.py``), and shows where
-the time of ``experiments/benchmarks/networks.py`` goes.
+of a sum of squares in the parameters and the input, with dropout 0.1 as in training). It
+is the measurement behind the thresholds of ``conv_impl="auto"``
+(``diffusion_sde/models/layers.py``), and shows where the time of
+``experiments/benchmarks/networks.py`` goes.
 
 Usage::
 
@@ -51,11 +52,13 @@ def _relative(a, b) -> float:
 class _Blocks(nn.Module):
     num_blocks: int
     conv_impl: str
+    train: bool = False
 
     @nn.compact
     def __call__(self, x, temb):
         for _ in range(self.num_blocks):
-            x = layers.ResnetBlockBigGANpp(dropout=0.0, conv_impl=self.conv_impl)(x, temb)
+            block = layers.ResnetBlockBigGANpp(dropout=0.1, conv_impl=self.conv_impl)
+            x = block(x, temb, train=self.train)
         return x
 
 
@@ -76,10 +79,15 @@ def bench_conv(impl: str, x, kernel, g, reference, repeats: int) -> tuple[str, t
 
 
 def bench_blocks(impl: str, x, temb, num_blocks: int, repeats: int) -> str:
-    net = _Blocks(num_blocks, impl)
+    # Forward as in sampling (no dropout); forward + backward as in training, with dropout.
+    net, training = _Blocks(num_blocks, impl), _Blocks(num_blocks, impl, train=True)
     variables = net.init(jax.random.key(2), x, temb)
     forward = jax.jit(lambda v, x: net.apply(v, x, temb))
-    grad = jax.jit(jax.grad(lambda v, x: jnp.sum(net.apply(v, x, temb) ** 2), argnums=(0, 1)))
+
+    def loss(v, x):
+        return jnp.sum(training.apply(v, x, temb, rngs={"dropout": jax.random.key(3)}) ** 2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     start = time.perf_counter()
     grad.lower(variables, x).compile()
     compile_s = time.perf_counter() - start
