@@ -301,16 +301,18 @@ def _winograd_tiles(x: jax.Array, F: _Winograd, one) -> list[list[jax.Array]]:
     ]
 
 
-def _winograd_filter(kernel: jax.Array, F: _Winograd, one) -> list[list[jax.Array]]:
+def _winograd_filter(kernel: jax.Array, F: _Winograd, one=None) -> list[list[jax.Array]]:
     """``U_rs = (G w G^T)_rs`` for a 3x3 HWIO kernel: ``(m+2)^2`` arrays ``(C, O)``, as one
     matrix product with ``G (x) G`` split into pieces. Its transpose concatenates the
-    pieces' cotangents and multiplies by ``(G (x) G)^T``; the concatenation is materialised,
-    else XLA rewrites the product as a sum of ``(m+2)^2`` outer products fused elementwise
-    (3-8x slower)."""
+    pieces' cotangents and multiplies by ``(G (x) G)^T``. For a kernel tangent, which
+    reverse mode transposes, pass ``one``: the concatenation is then materialised, else XLA
+    rewrites that product as a sum of ``(m+2)^2`` outer products fused elementwise (3-8x
+    slower)."""
     n = F.G.shape[0]
     channels, features = kernel.shape[2:]
     G2 = jnp.asarray(np.kron(F.G, F.G), kernel.dtype)  # (n^2, 9): [r n + s, a 3 + b]
-    U = lax.split(_materialise(G2 @ kernel.reshape(9, -1), one), [1] * n * n, axis=0)
+    U = G2 @ kernel.reshape(9, -1)
+    U = lax.split(U if one is None else _materialise(U, one), [1] * n * n, axis=0)
     return [[U[r * n + s].reshape(channels, features) for s in range(n)] for r in range(n)]
 
 
@@ -329,10 +331,10 @@ def _winograd_products(V, U):
     ]
 
 
-def _winograd_from_tiles(V, kernel: jax.Array, F: _Winograd, shape, one) -> jax.Array:
+def _winograd_from_tiles(V, U, F: _Winograd, shape, one) -> jax.Array:
     """The convolution, of output ``shape``, from the input tiles ``V`` of
-    :func:`_winograd_tiles`."""
-    return _winograd_output(_winograd_products(V, _winograd_filter(kernel, F, one)), F, shape, one)
+    :func:`_winograd_tiles` and the filter's ``U`` of :func:`_winograd_filter`."""
+    return _winograd_output(_winograd_products(V, U), F, shape, one)
 
 
 def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd, one) -> jax.Array:
@@ -345,7 +347,7 @@ def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd, one)
     g = jnp.pad(g, ((0, 0), (0, F.m * tiles_h - height), (0, F.m * tiles_w - width), (0, 0)))
     dP = _materialise(_untile_1d_transpose(g, F.AT, 1), one)
     dM = [_untile_1d_transpose(rows, F.AT, 2) for rows in dP]
-    U = _winograd_filter(kernel, F, one)
+    U = _winograd_filter(kernel, F)
     dV = [
         [
             (dm.reshape(-1, features) @ u.T).reshape(batch, tiles_h, tiles_w, channels)
@@ -362,9 +364,8 @@ def _winograd_conv_transpose(g: jax.Array, kernel: jax.Array, F: _Winograd, one)
 def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, m: int) -> jax.Array:
     F, one = _WINOGRAD[m], _runtime_one(kernel)
     shape = (*x.shape[:3], kernel.shape[-1])
-    return _materialise(
-        _winograd_from_tiles(_winograd_tiles(x, F, one), kernel, F, shape, one), one
-    )
+    V, U = _winograd_tiles(x, F, one), _winograd_filter(kernel, F)
+    return _materialise(_winograd_from_tiles(V, U, F, shape, one), one)
 
 
 @functools.partial(_conv3x3_winograd.defjvp, symbolic_zeros=True)
@@ -385,13 +386,13 @@ def _conv3x3_winograd_jvp(m, primals, tangents):
     shape = (*x.shape[:3], kernel.shape[-1])
     one = _runtime_one(kernel)
     V = _winograd_tiles(x, F, one)
-    y = _materialise(_winograd_from_tiles(V, kernel, F, shape, one), one)
+    y = _materialise(_winograd_from_tiles(V, _winograd_filter(kernel, F), F, shape, one), one)
     dy = jnp.zeros_like(y)
     if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
         flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
         dy = dy + _winograd_conv_transpose(dx, flipped, F, one)
     if not isinstance(dkernel, jax.custom_derivatives.SymbolicZero):
-        dy = dy + _winograd_from_tiles(V, dkernel, F, shape, one)
+        dy = dy + _winograd_from_tiles(V, _winograd_filter(dkernel, F, one), F, shape, one)
     return y, _materialise(dy, one)
 
 
