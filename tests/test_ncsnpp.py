@@ -424,17 +424,20 @@ def test_auto_winograd_convolutions_agree_with_xla_in_both_modes(size):
     def loss(impl, x, kernel):
         return jnp.sum(jnp.sin(layers.conv2d(x, kernel, conv_impl=impl)))
 
+    def conv(impl):
+        return functools.partial(layers.conv2d, kernel=kernel, conv_impl=impl)
+
+    probes = jax.random.normal(jax.random.key(2), (3, *x.shape))
+    grads_xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(x, kernel)
+    y_xla, jvp_xla = jax.linearize(conv("xla"), x)
+    jvps_xla = jax.vmap(jvp_xla)(probes)
     for impl in ("auto", "winograd", "winograd4"):
         grads = jax.grad(functools.partial(loss, impl), argnums=(0, 1))(x, kernel)
-        grads_xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(x, kernel)
         for g, g_xla in zip(grads, grads_xla, strict=True):
             assert relative_difference(g, g_xla) < 1e-4, impl
-        probes = jax.random.normal(jax.random.key(2), (3, *x.shape))
-        conv = functools.partial(layers.conv2d, kernel=kernel, conv_impl=impl)
-        y, jvp = jax.linearize(conv, x)
-        y_xla, jvp_xla = jax.linearize(functools.partial(conv, conv_impl="xla"), x)
+        y, jvp = jax.linearize(conv(impl), x)
         assert relative_difference(y, y_xla) < 1e-4, impl
-        assert relative_difference(jax.vmap(jvp)(probes), jax.vmap(jvp_xla)(probes)) < 1e-4
+        assert relative_difference(jax.vmap(jvp)(probes), jvps_xla) < 1e-4, impl
 
 
 def test_fused_fir_convolutions_match_unfused_away_from_the_border():
