@@ -97,14 +97,16 @@ def ddpm_losses(
     .. math::  \| \epsilon_\theta(\sqrt{\bar\alpha_i}\,x_0 + \sqrt{1-\bar\alpha_i}\,\epsilon,\; i)
        - \epsilon \|^2, \qquad i \sim U\{0, \dots, N-1\},
 
-    with :math:`\bar\alpha_i` from ``vpsde.alphas_cumprod``. ``eps_fn(x_i, i)`` predicts
+    with :math:`\bar\alpha_i` from ``vpsde.alphas_cumprod`` (and its std from
+    ``vpsde.sqrt_one_minus_alphas_cumprod``). ``eps_fn(x_i, i)`` predicts
     the noise from integer step labels ``i`` (shape ``(B,)``).
     """
     key_i, key_noise = jax.random.split(key)
     labels = jax.random.randint(key_i, (x.shape[0],), 0, vpsde.N)
     alpha_bar = batch_broadcast(vpsde.alphas_cumprod[labels], x)
+    std = batch_broadcast(vpsde.sqrt_one_minus_alphas_cumprod[labels], x)
     noise = jax.random.normal(key_noise, x.shape)
-    perturbed = jnp.sqrt(alpha_bar) * x + jnp.sqrt(1.0 - alpha_bar) * noise
+    perturbed = jnp.sqrt(alpha_bar) * x + std * noise
     return _reduce_over_data(jnp.square(eps_fn(perturbed, labels) - noise), reduce_mean)
 
 

@@ -218,6 +218,16 @@ class VPSDE(_LinearBetaSDE):
         r""":math:`\bar\alpha_i = \prod_{j \le i} (1 - \beta_j)`."""
         return jnp.cumprod(self.alphas)
 
+    @property
+    def sqrt_one_minus_alphas_cumprod(self) -> jax.Array:
+        r""":math:`\sqrt{1 - \bar\alpha_i}`, the std of level ``i``, with
+        :math:`1 - \bar\alpha_i` accumulated as :math:`c_i = c_{i-1} + \beta_i - c_{i-1}\beta_i`:
+        ``1 - alphas_cumprod`` would lose 3 of float32's 7 digits at the first levels, where
+        it is about 1e-4."""
+        # (a, b) -> 1 - (1 - a)(1 - b) is associative, so the accumulation is a parallel scan.
+        accumulate = lambda a, b: a + b - a * b
+        return jnp.sqrt(jax.lax.associative_scan(accumulate, self.discrete_betas))
+
     def sde(self, x, t):
         beta_t = self.beta(t)
         return -0.5 * batch_broadcast(beta_t, x) * x, jnp.sqrt(beta_t)

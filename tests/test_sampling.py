@@ -2,13 +2,14 @@
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from diffusion_sde import ode_solvers
+from diffusion_sde import models, ode_solvers
 from diffusion_sde.sampling import get_sampler, ode_sample, pc_sample
 from diffusion_sde.sde import VESDE, VPSDE, subVPSDE
 from diffusion_sde.toy_scores import GaussianMixture
@@ -110,6 +111,40 @@ def test_ancestral_sampling_on_vp_is_ddpm_algorithm_2():
     for step, i in enumerate(reversed(range(N))):
         z = np.asarray(jax.random.normal(step_keys[step][1], shape)) if i > 0 else 0.0
         epsilon = eps_network(x, i, np.tanh)
+        x = (x - betas[i] / np.sqrt(1.0 - alpha_bars[i]) * epsilon) / np.sqrt(alphas[i])
+        x = x + np.sqrt(betas[i]) * z
+    assert nfe == N
+    np.testing.assert_allclose(samples, x, rtol=1e-4, atol=1e-4)
+
+
+class _TanhEpsNetwork(nn.Module):
+    """A stand-in DDPM network eps(x, i) = tanh(x) (1 + i / N) + 0.1 i / N of its label i."""
+
+    N: int
+
+    @nn.compact
+    def __call__(self, x, time_cond, y=None, train=False):
+        i = time_cond[:, None]
+        return jnp.tanh(x) * (1.0 + i / self.N) + 0.1 * i / self.N
+
+
+def test_ancestral_sampling_through_the_discrete_adapter_is_ddpm_algorithm_2():
+    """The network through models.get_score_fn(continuous=False), not a hand-made score:
+    its label and std must be those of the level the predictor is at, at every step."""
+    N, shape = 1000, (4, 3)
+    sde = VPSDE(N=N)
+    betas = np.linspace(0.1 / N, 20.0 / N, N)
+    alphas, alpha_bars = 1.0 - betas, np.cumprod(1.0 - betas)
+    network = _TanhEpsNetwork(N)
+    score_fn = models.get_score_fn(sde, network, {"params": {}}, continuous=False)
+    key = jax.random.key(11)
+    samples, nfe = pc_sample(
+        key, sde, score_fn, shape, predictor="ancestral_sampling", corrector="none", eps=1e-3
+    )
+    x, step_keys = replay_noise(key, shape, N)
+    for step, i in enumerate(reversed(range(N))):
+        z = np.asarray(jax.random.normal(step_keys[step][1], shape)) if i > 0 else 0.0
+        epsilon = np.tanh(x) * (1.0 + i / N) + 0.1 * i / N
         x = (x - betas[i] / np.sqrt(1.0 - alpha_bars[i]) * epsilon) / np.sqrt(alphas[i])
         x = x + np.sqrt(betas[i]) * z
     assert nfe == N

@@ -53,14 +53,14 @@ def test_vp_score_is_minus_output_over_std(name, continuous, N):
     x = data()
     t = T_VALUES.astype(np.float64)
     # Continuous labels (and sub-VP's always) are 999 t whatever N (the reference's
-    # DDPM-range convention); discrete VP labels are the step (N - 1) t, not rounded, and
-    # the std is the DDPM chain's sqrt(1 - alpha_bar_i).
+    # DDPM-range convention); discrete VP labels are the chain level k = floor((N - 1) t)
+    # (the integer step DDPM trains on) and the std is the DDPM chain's sqrt(1 - alpha_bar_k).
     if continuous or name == "subvp":
         labels, std = 999.0 * t, vp_std(name, t)
     else:
-        labels = (N - 1) * t
+        labels = np.floor((N - 1) * t)
         alpha_bar = np.cumprod(1 - np.linspace(BETA_MIN / N, BETA_MAX / N, N))
-        std = np.sqrt(1 - alpha_bar[np.round(labels).astype(int)])
+        std = np.sqrt(1 - alpha_bar[labels.astype(int)])
     output = WEIGHT * x + labels[:, None, None, None] - 1000.0  # y=None: the null label
     expected = -output / std[:, None, None, None]
     score = make_score_fn(sde, continuous)(jnp.asarray(x), jnp.asarray(T_VALUES))
@@ -76,7 +76,7 @@ def test_ve_score_is_output_with_sigma_or_index_label(continuous, N):
     if continuous:
         labels = SIGMA_MIN * (SIGMA_MAX / SIGMA_MIN) ** t
     else:
-        labels = np.round((1.0 - t) * (N - 1))  # index into the descending sigmas
+        labels = N - 1 - np.floor(t * (N - 1))  # index into the descending sigmas
     expected = WEIGHT * x + labels[:, None, None, None] - 1000.0  # y=None: the null label
     score = make_score_fn(sde, continuous)(jnp.asarray(x), jnp.asarray(T_VALUES))
     np.testing.assert_allclose(score, expected, rtol=2e-5)
@@ -90,6 +90,54 @@ def test_ve_discrete_label_indexes_the_sigma_of_time_t():
     labels = make_score_fn(sde, False)(jnp.zeros((11, 1)), jnp.asarray(t))[:, 0] + 1000.0
     descending = SIGMA_MAX * (SIGMA_MIN / SIGMA_MAX) ** (np.arange(11) / 10)
     np.testing.assert_allclose(descending[np.asarray(labels).astype(int)], sde.sigma(t), rtol=1e-5)
+
+
+class ConstantNetwork(nn.Module):
+    """out = 1 everywhere: the score is -1 / (the std the adapter divides by)."""
+
+    @nn.compact
+    def __call__(self, x, time_cond, y=None, train=False):
+        return jnp.ones_like(x)
+
+
+def sampler_grid(N, eps):
+    """The time of every grid point of pc_sample (linspace(T, eps, N), as its loop builds
+    it), with the chain level k = N - 1 - i that its predictor uses at point i."""
+    return jnp.linspace(1.0, eps, N), N - 1 - np.arange(N)
+
+
+def test_discrete_vp_std_is_the_predictors_chain_level_on_the_sampler_grid():
+    # On linspace(1, 1e-3, 1000) the adapter must divide by sqrt(1 - alpha_bar_k) of the
+    # level k the predictor uses, at every one of the 1000 levels; rounding 999 t (the
+    # earlier code) took level k + 1 for k < 499, a 1.48x larger score at the last step.
+    N = 1000
+    sde = VPSDE(beta_min=BETA_MIN, beta_max=BETA_MAX, N=N)
+    t, levels = sampler_grid(N, 1e-3)
+    score_fn = models.get_score_fn(sde, ConstantNetwork(), {"params": {}}, continuous=False)
+    std = -1.0 / np.asarray(jax.jit(score_fn)(jnp.ones((N, 1)), t))[:, 0]
+    alpha_bar = np.cumprod(1.0 - np.linspace(BETA_MIN / N, BETA_MAX / N, N))  # float64
+    np.testing.assert_allclose(std, np.sqrt(1.0 - alpha_bar[levels]), rtol=1e-6)
+    # The network is fed the integer level it was trained on (EchoNetwork at x = 0 outputs
+    # label - 1000).
+    echo = make_score_fn(sde, False)(jnp.zeros((N, 1)), t)[:, 0]
+    np.testing.assert_allclose(-np.asarray(echo) * std + 1000.0, levels, atol=1e-3)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+def test_discrete_ve_label_is_the_predictors_noise_level_on_the_sampler_grid(eps):
+    # Label i (the i-th largest sigma) at grid point i, for the reference's VE eps (1e-5)
+    # and for eps = 1e-3, where rounding (T - t)(N - 1) = i - i eps gave i - 1 for i > 500.
+    N = 1000
+    sde = VESDE(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, N=N)
+    t, levels = sampler_grid(N, eps)
+    labels = make_score_fn(sde, False)(jnp.zeros((N, 1)), t)[:, 0] + 1000.0  # null label
+    np.testing.assert_array_equal(np.asarray(labels), N - 1 - levels)
+
+
+def test_chain_level_at_the_chain_times_is_their_index():
+    for N in (10, 1000):
+        t = jnp.arange(N) / (N - 1)
+        np.testing.assert_array_equal(models.chain_level(VPSDE(N=N), t), np.arange(N))
 
 
 def test_class_labels_train_and_dropout_key_reach_the_network():

@@ -37,6 +37,7 @@ __all__ = [
     "NCSNpp",
     "NCSNv2",
     "VP_CONTINUOUS_TIME_SCALE",
+    "chain_level",
     "count_parameters",
     "get_model",
     "get_score_fn",
@@ -90,6 +91,28 @@ def count_parameters(params: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
+# Float32 round-off of t (N - 1) / T at a chain time t_k = k T / (N - 1) is below 1.2e-4
+# for N <= 1000 (two roundings of relative size 6e-8); the samplers' grid points lie
+# eps (N - 1 - k) / T >= 0 above their level.
+_LEVEL_ROUNDOFF = 2.5e-4
+
+
+def chain_level(sde: SDE, t: jax.Array) -> jax.Array:
+    r"""The level :math:`k` of the SDE's discrete chain (DDPM for VP, SMLD for VE) at time ``t``:
+    the largest :math:`k` with :math:`t_k = k T / (N - 1) \le t` (up to float round-off),
+    clipped to :math:`[0, N - 1]`.
+
+    On the samplers' grid ``linspace(T, eps, N)``, point :math:`i` is
+    :math:`t_i = \epsilon + k (T - \epsilon)/(N - 1)` with :math:`k = N - 1 - i`, so
+    :math:`(N - 1) t_i / T = k + \epsilon (N - 1 - k)/T`: its level is exactly :math:`k`, the
+    level the predictors and correctors use, whenever :math:`\epsilon (N - 1) / T < 0.99975`
+    (``sampling.eps`` 1e-3 for VP with N = 1000, 1e-5 for VE). The 2021 reference truncates
+    :math:`(N - 1) t` as well for VP (and rounds for VE, which agrees at its eps = 1e-5).
+    """
+    level = jnp.floor(t * (sde.N - 1) / sde.T + _LEVEL_ROUNDOFF)
+    return jnp.clip(level, 0, sde.N - 1).astype(jnp.int32)
+
+
 def get_score_fn(
     sde: SDE,
     model: nn.Module,
@@ -105,20 +128,25 @@ def get_score_fn(
     VP and sub-VP networks predict the noise :math:`\epsilon` of
     :math:`x_t = \alpha_t x_0 + \sigma_t \epsilon` (Ho et al. 2020), so
 
-    .. math::  s_\theta(x, t) = -\epsilon_\theta(x, c(t)) / \sigma_t,
+    .. math::  s_\theta(x, t) = -\epsilon_\theta(x, c(t)) / \sigma_t.
 
-    with time label :math:`c(t) = 999\,t` and :math:`\sigma_t` the std of
-    ``sde.marginal_prob`` (``continuous``, and always for sub-VP), or, discrete (DDPM),
-    :math:`c(t) = (N-1)\,t`, the step index ``i``, and :math:`\sigma_t = \sqrt{1 - \bar\alpha_i}`
-    from the DDPM chain at ``i = round((N-1) t)``, as the 2021 reference does (it
-    truncates; rounding is the same on the grid and safe against float error). The
-    chain's std and the marginal std agree within 0.5% for ``i >= 100`` but not at the
-    first steps (1.41x at ``i = 1``); the chain's makes ancestral sampling exactly DDPM.
+    - ``continuous`` (and always for sub-VP): time label :math:`c(t) = 999\,t` and
+      :math:`\sigma_t` the std of ``sde.marginal_prob``, as the 2021 reference.
+    - discrete (DDPM): at the chain level :math:`k` = :func:`chain_level` of ``t``, the label
+      is :math:`c = k`, the integer step the network was trained on (``losses.ddpm_loss``),
+      and :math:`\sigma = \sqrt{1 - \bar\alpha_k}` of the DDPM chain. On the samplers' grid
+      this is the level the predictor uses, so ancestral sampling with this score is
+      exactly Ho et al.'s Algorithm 2. (The 2021 reference takes the same std but feeds
+      the fractional label :math:`(N-1) t = k + \epsilon (N - 1 - k)`, 0.999 at level 0.)
+      Off the grid (ODE solvers, likelihood) the label and std are piecewise constant in
+      ``t``; the evaluation code uses the continuous adapter there by default
+      (``sampling.ode_continuous_score``), as the reference does.
 
     VE networks output the score itself (those with ``scale_by_sigma`` divide by
     :math:`\sigma` inside), fed :math:`c(t) = \sigma(t)` (``continuous``; the std of
-    ``sde.marginal_prob``) or :math:`c(t) = \mathrm{round}((T - t)(N-1))`, the index into
-    the descending SMLD noise levels: label 0 is :math:`\sigma_{max}` at ``t = T``.
+    ``sde.marginal_prob``) or :math:`c(t) = N - 1 - k`, :math:`k` = :func:`chain_level` of
+    ``t``: the index into the descending SMLD noise levels (label 0 is
+    :math:`\sigma_{max}` at ``t = T``).
 
     Args:
       sde: a ``VPSDE``, ``subVPSDE`` or ``VESDE``.
@@ -147,10 +175,9 @@ def get_score_fn(
                 labels = VP_CONTINUOUS_TIME_SCALE * t
                 std = sde.marginal_prob(jnp.zeros_like(x), t)[1]
             else:
-                # DDPM's own chain: sqrt(1 - alpha_bar_i), so that ancestral sampling with
-                # this score is exactly Ho et al.'s sampler.
-                labels = (sde.N - 1) * t
-                std = jnp.sqrt(1.0 - sde.alphas_cumprod[jnp.round(labels).astype(jnp.int32)])
+                level = chain_level(sde, t)
+                labels = level.astype(t.dtype)
+                std = sde.sqrt_one_minus_alphas_cumprod[level]
             return -network(x, labels) / batch_broadcast(std, x)
 
     elif isinstance(sde, VESDE):
@@ -159,7 +186,7 @@ def get_score_fn(
             if continuous:
                 time_cond = sde.marginal_prob(jnp.zeros_like(x), t)[1]
             else:
-                time_cond = jnp.round((sde.T - t) * (sde.N - 1))
+                time_cond = (sde.N - 1 - chain_level(sde, t)).astype(t.dtype)
             return network(x, time_cond)
 
     else:
