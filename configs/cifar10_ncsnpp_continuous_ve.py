@@ -27,6 +27,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     sampling = config.sampling
     sampling.method = "pc"
+    sampling.eps = 1e-5  # VE is sampled down to t = 1e-5, as in the reference
     sampling.predictor = "reverse_diffusion"
     sampling.corrector = "langevin"
 

@@ -46,6 +46,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.noise_removal = True
     sampling.probability_flow = False
     sampling.snr = 0.16
+    sampling.eps = 1e-3  # last sampling time: 1e-3 for VP / sub-VP, 1e-5 for VE (the reference's)
+    # The probability-flow ODE (ode sampling, likelihood) of a discretely trained VP model
+    # uses the continuous adapter (label 999 t, marginal std), as the 2021 reference; False:
+    # its discrete one (models.get_score_fn), piecewise constant in t.
+    sampling.ode_continuous_score = True
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.begin_ckpt = 9
@@ -58,6 +63,10 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.inception_weights = ""  # '' looks in ~/.cache/diffusion_sde
     evaluate.reference_stats = ""
     evaluate.num_samples = 50000
+    # Samples are clipped to [0, 1] and quantised to 8 bits before the features: 'floor'
+    # (the 2021 reference's astype(uint8)) or 'round' (EDM's).
+    evaluate.quantization = "floor"
+    evaluate.is_splits = 1  # Inception Score over all samples at once, as TF-GAN / the reference
     evaluate.enable_loss = True
     evaluate.enable_bpd = False
     evaluate.bpd_dataset = "test"

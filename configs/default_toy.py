@@ -38,6 +38,11 @@ def get_default_configs(dataset: str | None = None) -> ml_collections.ConfigDict
     sampling.noise_removal = True
     sampling.probability_flow = False
     sampling.snr = 0.16
+    sampling.eps = 1e-3  # last sampling time: 1e-3 for VP / sub-VP, 1e-5 for VE (the reference's)
+    # The probability-flow ODE (ode sampling, likelihood) of a discretely trained VP model
+    # uses the continuous adapter (label 999 t, marginal std), as the 2021 reference; False:
+    # its discrete one (models.get_score_fn), piecewise constant in t.
+    sampling.ode_continuous_score = True
     sampling.num_steps = 500
     sampling.ode_method = "dpm_solver_3"
     sampling.rtol = 1e-5

@@ -18,6 +18,7 @@ from configs import default_digits
 def get_config() -> ml_collections.ConfigDict:
     config = default_digits.get_default_configs()
     config.training.sde = "vesde"
+    config.sampling.eps = 1e-5  # VE is sampled down to t = 1e-5, as in the reference
     # VE: [0, 1] data as in the paper's VE runs, Fourier features of sigma, output / sigma.
     config.data.centered = False
     config.model.embedding_type = "fourier"

@@ -18,6 +18,7 @@ from configs import default_toy
 def get_config(dataset: str | None = None) -> ml_collections.ConfigDict:
     config = default_toy.get_default_configs(dataset)
     config.training.sde = "vesde"
+    config.sampling.eps = 1e-5  # VE is sampled down to t = 1e-5, as in the reference
     # VE: the network sees sigma(t) through Fourier features and outputs score * sigma.
     config.model.embedding_type = "fourier"
     config.model.scale_by_sigma = True

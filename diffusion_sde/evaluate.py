@@ -1,16 +1,27 @@
 """Evaluation of a trained workdir: likelihood (bits/dim), sample quality, samples.
 
 ``python -m diffusion_sde.main --mode=eval --config=... --workdir=DIR`` evaluates the EMA
-parameters of the newest checkpoint:
+parameters of the newest checkpoint, or, when ``config.eval.begin_ckpt >= 1``, of every
+snapshot ``k = begin_ckpt .. end_ckpt`` (the 2021 reference's numbering: snapshot ``k`` is
+step ``k * training.snapshot_freq``; snapshots not in the workdir are listed and skipped):
 
 - bits/dim on ``config.eval.bpd_dataset`` (``eval.enable_bpd``), written to
   ``DIR/eval/bpd_step_<step>.json``;
 - sample quality (``eval.enable_sampling``): ``eval.num_samples`` samples drawn as
-  ``--mode=sample`` does, then FID and KID against the training split through
-  ``eval.feature_extractor`` (default: the digits / MNIST classifiers for those datasets,
-  Inception-v3 otherwise, whose reference statistics come from ``eval.reference_stats``,
-  written by ``python -m diffusion_sde.reference_stats``), in
-  ``DIR/eval/sample_quality_step_<step>.json``.
+  ``--mode=sample`` does (50,000 in the CIFAR-10 configs, as published numbers use),
+  clipped to [0, 1] and quantised to 8-bit pixels (``eval.quantization``: ``floor`` as the
+  2021 reference, or ``round`` as EDM), then FID, KID and the Inception Score (over
+  ``eval.is_splits`` splits) against the training split through ``eval.feature_extractor``
+  (default: the digits / MNIST classifiers for those datasets, Inception-v3 otherwise,
+  whose reference statistics come from ``eval.reference_stats``, written by
+  ``python -m diffusion_sde.reference_stats``), in
+  ``DIR/eval/sample_quality_step_<step>.json``;
+- one row per evaluated checkpoint in ``DIR/eval/results.jsonl`` (step, snapshot,
+  bits/dim, FID, KID, IS, number of samples), printed as a table at the end.
+
+The likelihood, and samples of ``sampling.method='ode'``, of a discretely trained VP model
+use the continuous score adapter by default (``sampling.ode_continuous_score``; see
+``models.continuous_labels``).
 
 ``--mode=sample`` draws ``config.eval.num_samples`` samples in shards under
 ``DIR/eval/samples_step_<step>/``. Everything is resumable: finished bits/dim batches and
@@ -31,13 +42,14 @@ import numpy as np
 
 from diffusion_sde import data as data_lib
 from diffusion_sde import likelihood, plotting, sampling
-from diffusion_sde.models import get_model, get_score_fn
+from diffusion_sde.models import continuous_labels, get_model, get_score_fn
 from diffusion_sde.sde import get_sde
 from diffusion_sde.train import check_state_spec, create_train_state, get_optimizer, restore_latest
 
 
-def load_trained(config, workdir: str | pathlib.Path):
-    """``(sde, model, state)`` from the newest readable checkpoint of ``workdir``."""
+def load_trained(config, workdir: str | pathlib.Path, step: int | None = None):
+    """``(sde, model, state)`` from the checkpoint of ``step`` in ``workdir``, or from the
+    newest readable one when ``step`` is None."""
     import orbax.checkpoint as ocp
 
     model = get_model(config.model)
@@ -59,7 +71,16 @@ def load_trained(config, workdir: str | pathlib.Path):
         pathlib.Path(workdir).absolute() / "checkpoints",
         options=ocp.CheckpointManagerOptions(read_only=True),
     )
-    state, step = restore_latest(manager, abstract_state)
+    if step is None:
+        state, _ = restore_latest(manager, abstract_state)
+    elif step in manager.all_steps():
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    else:
+        available = sorted(manager.all_steps())
+        manager.close()
+        raise FileNotFoundError(
+            f"No checkpoint of step {step} under {workdir}/checkpoints (it has {available})."
+        )
     manager.close()
     if state is None:
         raise FileNotFoundError(
@@ -67,6 +88,44 @@ def load_trained(config, workdir: str | pathlib.Path):
             f"--mode=train and the same --workdir."
         )
     return get_sde(config), model, state
+
+
+def checkpoint_steps(config, workdir: str | pathlib.Path) -> list[int | None]:
+    """The steps ``--mode=eval`` evaluates: ``[None]`` (the newest checkpoint) unless
+    ``config.eval.begin_ckpt >= 1``, else the steps ``k * training.snapshot_freq`` of the
+    snapshots ``k = begin_ckpt .. end_ckpt`` that are in ``workdir`` (the missing ones are
+    logged; none at all is an error that lists what the workdir has)."""
+    import orbax.checkpoint as ocp
+
+    evaluation = config.eval
+    begin = evaluation.get("begin_ckpt", 0) or 0
+    if begin < 1:
+        return [None]
+    end = evaluation.get("end_ckpt", begin)
+    if end < begin:
+        raise ValueError(f"eval.end_ckpt ({end}) is before eval.begin_ckpt ({begin}).")
+    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    available = []
+    if directory.is_dir():
+        manager = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True)
+        )
+        available = sorted(manager.all_steps())
+        manager.close()
+    freq = config.training.snapshot_freq
+    wanted = {k: k * freq for k in range(begin, end + 1)}
+    steps = [step for step in wanted.values() if step in available]
+    missing = [k for k, step in wanted.items() if step not in available]
+    if not steps:
+        raise FileNotFoundError(
+            f"None of the snapshots {begin}..{end} (steps {begin * freq}..{end * freq}, "
+            f"training.snapshot_freq={freq}) is in {directory}; it has the steps "
+            f"{available}. Set --config.eval.begin_ckpt / end_ckpt to snapshots it has, or "
+            "--config.eval.begin_ckpt=0 for the newest checkpoint."
+        )
+    if missing:
+        logging.warning("Snapshots %s are not in %s; evaluating the others.", missing, directory)
+    return steps
 
 
 def evaluate_likelihood(
@@ -89,7 +148,8 @@ def evaluate_likelihood(
 
     levels = data_lib.num_levels(config.data)
     inverse_scaler = data_lib.get_data_inverse_scaler(config.data)
-    score_fn = get_score_fn(sde, model, {"params": params}, continuous=config.training.continuous)
+    continuous = continuous_labels(config, ode=True)
+    score_fn = get_score_fn(sde, model, {"params": params}, continuous=continuous)
     centered = bool(config.data.centered)
     evaluation = config.eval
     tolerances = dict(rtol=evaluation.get("rtol", 1e-5), atol=evaluation.get("atol", 1e-5))
@@ -157,24 +217,78 @@ def evaluate_likelihood(
 
 
 def evaluate(config, workdir: str | pathlib.Path) -> dict:
-    """``--mode=eval``: bits/dim and sample quality of the newest checkpoint's EMA
-    parameters, as ``config.eval`` enables them; returns ``{"bpd": ..., "sample_quality":
-    ...}`` with the results that were computed."""
+    """``--mode=eval``: bits/dim and sample quality of the EMA parameters of the newest
+    checkpoint, or of each snapshot of ``eval.begin_ckpt .. eval.end_ckpt``
+    (:func:`checkpoint_steps`), as ``config.eval`` enables them.
+
+    Returns ``{"bpd": ..., "sample_quality": ...}`` (the results that were computed) for
+    one checkpoint, and ``{"rows": [...]}`` (also in ``workdir/eval/results.jsonl``, one
+    row per checkpoint) for a sweep.
+    """
     workdir = pathlib.Path(workdir)
-    results = {}
-    if config.eval.get("enable_bpd", True):
-        results["bpd"] = evaluate_bpd(config, workdir)
-    if config.eval.get("enable_sampling", False):
-        results["sample_quality"] = evaluate_sample_quality(config, workdir)
-    return results
+    steps = checkpoint_steps(config, workdir)
+    rows, results = [], {}
+    for step in steps:
+        results = {}
+        if config.eval.get("enable_bpd", True):
+            results["bpd"] = evaluate_bpd(config, workdir, step)
+        if config.eval.get("enable_sampling", False):
+            results["sample_quality"] = evaluate_sample_quality(config, workdir, step)
+        if results:
+            rows.append(_result_row(config, results))
+            _write_results(workdir / "eval" / "results.jsonl", rows[-1])
+    if rows:
+        _print_table(rows)
+    return results if steps == [None] else {"rows": rows}
 
 
-def evaluate_bpd(config, workdir: str | pathlib.Path) -> dict:
-    """Bits/dim (nats/dim for toy data) of the newest checkpoint's EMA parameters, written
-    to ``workdir/eval/bpd_step_<step>.json``; finished batches are kept in
-    ``workdir/eval/bpd_step_<step>/`` so that a killed evaluation resumes."""
+def _result_row(config, results: dict) -> dict:
+    bpd, quality = results.get("bpd"), results.get("sample_quality")
+    step = (bpd or quality)["step"]
+    freq = config.training.get("snapshot_freq", 0)
+    row = {"step": step, "ckpt": step // freq if freq and step % freq == 0 else None}
+    if bpd is not None:
+        row |= {bpd["unit"]: bpd["mean"], "standard_error": bpd["standard_error"]}
+    if quality is not None:
+        row |= {
+            name: quality[name]
+            for name in ("fid", "kid_mean", "inception_score", "num_samples", "extractor")
+        }
+    return row
+
+
+def _write_results(path: pathlib.Path, row: dict) -> None:
+    """Add ``row`` to the JSON lines of ``path``, replacing an earlier row of its step."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: dropped
+                continue
+    rows = sorted(
+        [r for r in rows if r.get("step") != row["step"]] + [row], key=lambda r: r["step"]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    temporary.replace(path)
+
+
+def _print_table(rows: list[dict]) -> None:
+    columns = [c for c in rows[0] if c not in ("standard_error",)]
+    cell = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(cell(row.get(c)) for c in columns))
+
+
+def evaluate_bpd(config, workdir: str | pathlib.Path, step: int | None = None) -> dict:
+    """Bits/dim (nats/dim for toy data) of the EMA parameters of the checkpoint of ``step``
+    (None: the newest), written to ``workdir/eval/bpd_step_<step>.json``; finished batches
+    are kept in ``workdir/eval/bpd_step_<step>/`` so that a killed evaluation resumes."""
     workdir = pathlib.Path(workdir)
-    sde, model, state = load_trained(config, workdir)
+    sde, model, state = load_trained(config, workdir, step)
     step = int(state.step)
     stem = workdir / "eval" / f"bpd_step_{step:08d}"
     result = evaluate_likelihood(
@@ -200,10 +314,13 @@ def evaluate_bpd(config, workdir: str | pathlib.Path) -> dict:
     return result
 
 
-def evaluate_sample_quality(config, workdir: str | pathlib.Path) -> dict:
-    """FID and KID of ``config.eval.num_samples`` samples (drawn by :func:`sample`, or
-    reused from an earlier run) against the training split, written to
-    ``workdir/eval/sample_quality_step_<step>.json``.
+def evaluate_sample_quality(config, workdir: str | pathlib.Path, step: int | None = None) -> dict:
+    """FID, KID and IS of ``config.eval.num_samples`` samples of the checkpoint of ``step``
+    (None: the newest; drawn by :func:`sample`, or reused from an earlier run) against the
+    training split, written to ``workdir/eval/sample_quality_step_<step>.json``.
+
+    Samples are quantised (``eval.quantization``, default ``floor``) as
+    :func:`metrics.sample_quality` describes; the IS takes ``eval.is_splits`` splits.
 
     The features come from ``config.eval.feature_extractor`` (``metrics.FEATURE_EXTRACTORS``;
     by default the project's own classifier for ``digits`` and ``mnist``, Inception-v3
@@ -234,39 +351,47 @@ def evaluate_sample_quality(config, workdir: str | pathlib.Path) -> dict:
         if not reference.exists():
             statistics = reference_stats.compute_reference_statistics(config.data, extractor)
             reference_stats.save_statistics(statistics, reference)
-    shards = sample(config, workdir)
+    shards = sample(config, workdir, step)
     samples = np.concatenate(
         [np.load(path)["samples"] for path in sorted(shards.glob("shard_*.npz"))]
     )[: evaluation.num_samples]
-    result = metrics.sample_quality(samples, reference, extractor)
+    result = metrics.sample_quality(
+        samples,
+        reference,
+        extractor,
+        rounding=evaluation.get("quantization", "floor"),
+        is_splits=evaluation.get("is_splits", 1),
+    )
     result["step"] = int(shards.name.rsplit("_", 1)[-1])
     path = workdir / "eval" / f"sample_quality_step_{result['step']:08d}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     kid = "n/a" if result["kid_mean"] is None else f"{result['kid_mean']:.4f}"
+    score = result["inception_score"]
+    score = "n/a" if score is None else f"{score:.3f} ± {result['inception_score_std']:.3f}"
     print(
-        f"FID ({name} features): {result['fid']:.3f}, KID: {kid} "
+        f"FID ({name} features): {result['fid']:.3f}, KID: {kid}, IS: {score} "
         f"({result['num_samples']} samples, step {result['step']}) -> {path}"
     )
     return result
 
 
-def sample(config, workdir: str | pathlib.Path) -> pathlib.Path:
-    """``--mode=sample``: ``config.eval.num_samples`` samples from the newest checkpoint,
-    in shards of ``config.eval.batch_size``; shards already written are skipped."""
+def sample(config, workdir: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
+    """``--mode=sample``: ``config.eval.num_samples`` samples from the checkpoint of ``step``
+    (None: the newest), in shards of ``config.eval.batch_size``; shards already written are
+    skipped."""
     from tqdm.auto import tqdm
 
     workdir = pathlib.Path(workdir)
-    sde, model, state = load_trained(config, workdir)
+    sde, model, state = load_trained(config, workdir, step)
     step = int(state.step)
     shape = (config.eval.batch_size, *data_lib.data_shape(config.data))
     sampler = sampling.get_sampler(config.sampling, sde, shape)
+    continuous = continuous_labels(config, ode=config.sampling.get("method", "pc").lower() == "ode")
     inverse_scaler = data_lib.get_data_inverse_scaler(config.data)
 
     @jax.jit
     def draw(params, key):
-        score_fn = get_score_fn(
-            sde, model, {"params": params}, continuous=config.training.continuous
-        )
+        score_fn = get_score_fn(sde, model, {"params": params}, continuous=continuous)
         samples, nfe = sampler(key, score_fn)
         return inverse_scaler(samples), nfe
 

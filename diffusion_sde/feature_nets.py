@@ -182,6 +182,12 @@ def classifier_features(model: Classifier, params: Any, images: jax.Array) -> ja
     return _apply(model, params, images)[1]
 
 
+def classifier_logits_from_features(params: Any, features: np.ndarray) -> np.ndarray:
+    """The classifier's logits from its penultimate ``features``: its last ``Dense`` layer."""
+    last = params[sorted(name for name in params if name.startswith("Dense_"))[-1]]
+    return np.asarray(features, np.float32) @ np.asarray(last["kernel"]) + np.asarray(last["bias"])
+
+
 def accuracy(model: Classifier, params: Any, images: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of ``images`` (in [0, 1]) that ``model`` with ``params`` labels right."""
     logits, _ = _apply(model, params, jnp.asarray(images, jnp.float32))

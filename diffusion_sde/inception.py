@@ -73,6 +73,7 @@ FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 BATCH_NORM_EPSILON = 1e-3
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
+NUM_LOGITS = 1008  # the 2015-12-05 graph's classes: ImageNet's 1000 and 8 unused
 
 # ----------------------------------------------------------------------------------------
 # The network
@@ -515,9 +516,37 @@ def load_inception(weights_path: str | os.PathLike | None = None):
 
     ``weights_path`` defaults to :func:`default_weights_path`; see the module docstring.
     """
+    return load_inception_classifier(weights_path)[0]
+
+
+def load_inception_classifier(weights_path: str | os.PathLike | None = None):
+    """``(features, logits)``: :func:`load_inception`'s ``features`` and
+    ``logits(pool3) -> (B, 1008)``, the graph's final layer ``pool3 @ W^T + b`` applied to
+    those features (in numpy), from which the Inception Score is computed; ``logits`` is
+    None when the weights file has no ``fc.weight`` / ``fc.bias`` (an ``.npz`` of the pool3
+    network only).
+
+    Published Inception Scores differ in this layer's bias: TF-GAN's ``logits`` output
+    (the 2021 reference's) includes it; the original improved-GAN code and StyleGAN/EDM's
+    metrics multiply by ``W`` alone. Differences are in the second decimal.
+    """
     path = default_weights_path() if weights_path is None else weights_path
-    variables = variables_from_state_dict(read_state_dict(path))
-    return functools.partial(_jitted_features(), variables)
+    state_dict = read_state_dict(path)
+    features = functools.partial(_jitted_features(), variables_from_state_dict(state_dict))
+    if "fc.weight" not in state_dict or "fc.bias" not in state_dict:
+        return features, None
+    weight = np.asarray(state_dict["fc.weight"], np.float32)
+    bias = np.asarray(state_dict["fc.bias"], np.float32)
+    if weight.shape != (NUM_LOGITS, FEATURE_DIM) or bias.shape != (NUM_LOGITS,):
+        raise ValueError(
+            f"fc.weight / fc.bias of {path} have shapes {weight.shape} / {bias.shape}, not "
+            f"({NUM_LOGITS}, {FEATURE_DIM}) / ({NUM_LOGITS},): not the FID Inception weights."
+        )
+
+    def logits(pool3: np.ndarray) -> np.ndarray:
+        return np.asarray(pool3, np.float32) @ weight.T + bias
+
+    return features, logits
 
 
 __all__ = [
@@ -525,9 +554,11 @@ __all__ = [
     "FIDInceptionV3",
     "FID_WEIGHTS_FILENAME",
     "FID_WEIGHTS_URL",
+    "NUM_LOGITS",
     "abstract_variables",
     "default_weights_path",
     "load_inception",
+    "load_inception_classifier",
     "preprocess",
     "read_state_dict",
     "state_dict_shapes",

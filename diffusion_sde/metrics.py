@@ -6,7 +6,13 @@ data, extracted by a :class:`FeatureExtractor`:
 - FID (Heusel et al. 2017): the Fréchet (2-Wasserstein) distance between the Gaussians
   fitted to the two feature sets, :func:`frechet_distance` of :func:`feature_statistics`;
 - KID (Binkowski et al. 2018): the unbiased squared MMD with the cubic polynomial kernel,
-  averaged over random subsets, :func:`kernel_inception_distance`.
+  averaged over random subsets, :func:`kernel_inception_distance`;
+- IS (Salimans et al. 2016): :math:`\exp \mathbb E_x \mathrm{KL}(p(y|x) \| p(y))` of the
+  same network's class logits, :func:`inception_score`.
+
+The protocol behind published numbers (the 2021 reference, clean-fid, EDM): samples are
+clipped to [0, 1] and quantised to 8-bit pixels (:func:`quantize`) before the network sees
+them, as the training images were; :func:`sample_quality` does this.
 
 Feature extractors (:data:`FEATURE_EXTRACTORS`, chosen by :func:`get_feature_extractor`):
 
@@ -199,6 +205,74 @@ def kernel_inception_distance(
 
 
 # ----------------------------------------------------------------------------------------
+# Inception Score
+# ----------------------------------------------------------------------------------------
+
+
+def inception_score(logits: np.ndarray, num_splits: int = 1) -> tuple[float, float]:
+    r"""Inception Score (Salimans et al. 2016) of class ``logits`` ``(N, K)``:
+
+    .. math::  \mathrm{IS} = \exp\Big(\frac1N \sum_n \mathrm{KL}\big(p(y|x_n)\,\|\,\hat p(y)\big)\Big),
+       \qquad \hat p(y) = \frac1N \sum_n p(y|x_n),
+
+    with :math:`p(y|x) = \mathrm{softmax}(\text{logits})`, on each of ``num_splits`` equal
+    consecutive parts of the samples. ``num_splits=1`` (all samples at once) is TF-GAN's
+    ``classifier_score_from_logits``, used by the 2021 reference; Salimans et al. use 10.
+
+    Returns:
+      ``(mean, std)`` over the splits (std 0 for one split).
+    """
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2 or len(logits) < num_splits or num_splits < 1:
+        raise ValueError(
+            f"inception_score needs logits (N, K) with N >= num_splits >= 1, got "
+            f"{logits.shape} and num_splits={num_splits}."
+        )
+    scores = []
+    for part in np.array_split(logits, num_splits):
+        log_p = part - np.logaddexp.reduce(part, axis=1, keepdims=True)
+        log_marginal = np.log(np.mean(np.exp(log_p), axis=0))
+        kl = np.sum(np.exp(log_p) * (log_p - log_marginal), axis=1)
+        scores.append(np.exp(np.mean(kl)))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ----------------------------------------------------------------------------------------
+# Quantisation
+# ----------------------------------------------------------------------------------------
+
+ROUNDINGS = ("floor", "round")
+
+
+def quantize(images: np.ndarray, num_levels: int = 256, rounding: str = "floor") -> np.ndarray:
+    r"""Float images in [0, 1] to integer pixel levels :math:`0 \dots L - 1` (uint8 for
+    :math:`L \le 256`), clipped first:
+
+    - ``floor``: :math:`\lfloor (L-1)\,\mathrm{clip}(x, 0, 1) \rfloor`, the 2021 reference's
+      ``np.clip(x * 255, 0, 255).astype(np.uint8)``;
+    - ``round``: :math:`\lfloor (L-1)\,\mathrm{clip}(x, 0, 1) + \tfrac12 \rfloor`, EDM's
+      ``(x * 127.5 + 128).clip(0, 255).to(torch.uint8)`` for :math:`x \in [-1, 1]`.
+
+    Raises:
+      ValueError: non-finite values (a diverged sampler: they have no pixel value), or an
+        unknown ``rounding``.
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"Unknown rounding {rounding!r}; valid: {list(ROUNDINGS)}")
+    images = np.asarray(images, np.float64)
+    bad = int(np.sum(~np.isfinite(images)))
+    if bad:
+        raise ValueError(
+            f"{bad} sample values are NaN or infinite: the sampler diverged. Check the "
+            "checkpoint (loss in metrics.jsonl) and the sampler settings (e.g. sampling.snr)."
+        )
+    scaled = np.clip(images, 0.0, 1.0) * (num_levels - 1)
+    # 1e-9 keeps data that are exact levels (n / 255 * 255 = n - 4e-14 in floats) on them.
+    levels = np.floor(scaled + (0.5 if rounding == "round" else 1e-9))
+    return levels.astype(np.uint8 if num_levels <= 256 else np.uint16)
+
+
+# ----------------------------------------------------------------------------------------
 # Feature extractors
 # ----------------------------------------------------------------------------------------
 
@@ -217,6 +291,8 @@ class FeatureExtractor:
         ``num_levels - 1``; float images are taken to be in [0, 1].
       batch_size: images per call of ``features_fn``; the last batch is padded to this
         size (so one compilation serves all) unless all images fit in one batch.
+      logits_fn: ``(N, D)`` features -> ``(N, K)`` class logits of the same network (for
+        :func:`inception_score`), or None when it has no classifier layer.
     """
 
     name: str
@@ -225,6 +301,7 @@ class FeatureExtractor:
     image_shape: tuple[int, int, int] | None = None
     num_levels: int = 256
     batch_size: int = 250
+    logits_fn: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __call__(self, images: np.ndarray | jax.Array) -> np.ndarray:
         images = np.asarray(images)
@@ -265,17 +342,20 @@ def _classifier_extractor(
         image_shape=spec.image_shape,
         num_levels=spec.num_levels,
         batch_size=batch_size,
+        logits_fn=functools.partial(feature_nets.classifier_logits_from_features, params),
     )
 
 
 def _inception_extractor(
     *, weights_path: str | os.PathLike | None = None, batch_size: int = 50
 ) -> FeatureExtractor:
+    features_fn, logits_fn = inception.load_inception_classifier(weights_path)
     return FeatureExtractor(
         name="inception_v3",
-        features_fn=inception.load_inception(weights_path),
+        features_fn=features_fn,
         feature_dim=inception.FEATURE_DIM,
         batch_size=batch_size,
+        logits_fn=logits_fn,
     )
 
 
@@ -328,24 +408,34 @@ def sample_quality(
     reference: Any,
     extractor: FeatureExtractor,
     *,
+    rounding: str | None = "floor",
+    is_splits: int = 1,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """FID and KID of ``samples`` against reference data, through ``extractor``.
+    """FID, KID and IS of ``samples`` against reference data, through ``extractor``.
 
     Args:
-      samples: ``(N, H, W, C)`` in [0, 1] data space (apply the data inverse scaler first).
+      samples: ``(N, H, W, C)`` in [0, 1] data space (apply the data inverse scaler first),
+        or integer pixel levels ``0 .. extractor.num_levels - 1``.
       reference: the reference's features ``(M, D)``; or its statistics, a mapping with
         ``mu``, ``sigma`` and optionally ``features`` (for KID) and ``extractor`` (checked
         against ``extractor.name``); or the path of such an ``.npz`` (as written by
         ``python -m diffusion_sde.reference_stats``).
       extractor: from :func:`get_feature_extractor`.
+      rounding: float samples are clipped and quantised to ``extractor.num_levels`` pixel
+        levels by :func:`quantize` with this rounding (``floor``, the 2021 reference's, or
+        ``round``) before the features; ``None`` feeds them as they are (not the published
+        protocol).
+      is_splits: see :func:`inception_score`.
       kid_subsets, kid_subset_size, seed: see :func:`kernel_inception_distance`.
 
     Returns:
       A JSON-serialisable dict: ``fid``, ``kid_mean``, ``kid_std`` (None without reference
-      features), ``num_samples``, ``num_reference`` (None when unknown) and ``extractor``.
+      features), ``inception_score`` and ``inception_score_std`` (None when the extractor
+      has no logits), ``is_splits``, ``num_samples``, ``num_reference`` (None when
+      unknown), ``extractor`` and ``rounding``.
     """
     reference = _reference(reference)
     if "extractor" in reference and str(reference["extractor"]) != extractor.name:
@@ -353,6 +443,9 @@ def sample_quality(
             f"The reference statistics were computed with {str(reference['extractor'])!r} "
             f"features, not {extractor.name!r}."
         )
+    samples = np.asarray(samples)
+    if rounding is not None and not np.issubdtype(samples.dtype, np.integer):
+        samples = quantize(samples, extractor.num_levels, rounding)
     features = extractor(samples)
     mu, sigma = feature_statistics(features)
     if np.shape(reference["mu"]) != mu.shape:
@@ -370,14 +463,21 @@ def sample_quality(
             subset_size=kid_subset_size,
             seed=seed,
         )
+    is_mean = is_std = None
+    if extractor.logits_fn is not None:
+        is_mean, is_std = inception_score(extractor.logits_fn(features), is_splits)
     num_reference = reference.get("num_examples")
     return {
         "fid": fid,
         "kid_mean": kid_mean,
         "kid_std": kid_std,
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+        "is_splits": int(is_splits),
         "num_samples": len(features),
         "num_reference": None if num_reference is None else int(num_reference),
         "extractor": extractor.name,
+        "rounding": rounding,
     }
 
 
@@ -386,7 +486,10 @@ __all__ = [
     "FeatureExtractor",
     "feature_statistics",
     "frechet_distance",
+    "ROUNDINGS",
     "get_feature_extractor",
+    "inception_score",
     "kernel_inception_distance",
+    "quantize",
     "sample_quality",
 ]

@@ -444,6 +444,19 @@ def _ode_loop(key, sde, score_fn, shape, method, num_steps, rtol, atol, eps, den
 
 # --- From a config -----------------------------------------------------------------------
 
+# The last sampling time when the config gives none, as in the 2021 reference: VE models
+# are sampled down to t = 1e-5 (sigma(1e-5) is sigma_min to 0.01%), VP and sub-VP ones to
+# 1e-3 (below it the VP std falls under 1% and the score's scale 1 / sigma_t explodes).
+# With N = 1000 discrete levels, both keep every grid point on its own chain level
+# (``models.chain_level``).
+DEFAULT_EPS: dict[type[SDE], float] = {VPSDE: 1e-3, subVPSDE: 1e-3, VESDE: 1e-5}
+
+
+def default_eps(sde: SDE) -> float:
+    """The default last sampling time of ``sde``'s type (:data:`DEFAULT_EPS`; 1e-3 else)."""
+    return DEFAULT_EPS.get(type(sde), 1e-3)
+
+
 Sampler = Callable[[jax.Array, ScoreFn], tuple[jax.Array, Any]]
 
 
@@ -454,7 +467,8 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
 
     - ``method``: ``'pc'`` (``pc_sample``) or ``'ode'`` (``ode_sample``).
     - ``noise_removal`` (bool, default True): ``denoise``.
-    - ``num_steps`` (default None = ``sde.N``), ``eps`` (default 1e-3).
+    - ``num_steps`` (default None = ``sde.N``), ``eps`` (default :func:`default_eps`: 1e-5
+      for VE, 1e-3 for VP and sub-VP, as the 2021 reference).
     - pc: ``predictor``, ``corrector``, ``snr``, ``n_steps_each``, ``probability_flow``
       (default False).
     - ode: ``ode_method`` (default ``'adaptive'``), ``rtol``, ``atol`` (default 1e-5),
@@ -467,7 +481,7 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
     method = sampling_config.get("method", "pc").lower()
     common = dict(
         num_steps=field("num_steps", None),
-        eps=field("eps", 1e-3),
+        eps=field("eps", default_eps(sde)),
         denoise=field("noise_removal", True),
     )
     if method == "pc":

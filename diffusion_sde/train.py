@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_sde import data as data_lib
 from diffusion_sde import losses, plotting, sampling
-from diffusion_sde.models import get_model, get_score_fn
+from diffusion_sde.models import continuous_labels, get_model, get_score_fn
 from diffusion_sde.sde import get_sde
 
 # --- Optimizer ----------------------------------------------------------------------------
@@ -375,9 +375,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     inverse_scaler = data_lib.get_data_inverse_scaler(config.data)
     sample_key = jax.random.PRNGKey(config.seed + 5)  # apart from the training keys
 
+    sample_continuous = continuous_labels(
+        config, ode=config.sampling.get("method", "pc").lower() == "ode"
+    )
+
     @jax.jit
     def draw_samples(params, key):
-        score_fn = get_score_fn(sde, model, {"params": params}, continuous=training.continuous)
+        score_fn = get_score_fn(sde, model, {"params": params}, continuous=sample_continuous)
         return sampler(key, score_fn)
 
     def write_samples(state, step):

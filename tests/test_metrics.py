@@ -237,11 +237,17 @@ def test_sample_quality_with_reference_features_gives_kid(digits_extractor):
         "fid",
         "kid_mean",
         "kid_std",
+        "inception_score",
+        "inception_score_std",
+        "is_splits",
         "num_samples",
         "num_reference",
         "extractor",
+        "rounding",
     }
     assert result["num_reference"] == 1500 and abs(result["kid_mean"]) < 0.05
+    # Real digits, confidently classified and spread evenly over the 10 classes.
+    assert 8.0 < result["inception_score"] <= 10.0
     assert json.loads(json.dumps(result)) == result
     with pytest.raises(ValueError, match="inception_v3"):
         metrics.sample_quality(
@@ -469,7 +475,8 @@ def test_fid_inception_runs_on_a_synthetic_pth_file(tmp_path, fake_torch):
         else:
             values = 0.1 * rng.standard_normal(shape)
         arrays[name] = values.astype(np.float32)
-    arrays["fc.weight"] = np.zeros((1008, 2048), np.float32)  # in the file, unused
+    arrays["fc.weight"] = (0.02 * rng.standard_normal((1008, 2048))).astype(np.float32)
+    arrays["fc.bias"] = (0.1 * rng.standard_normal(1008)).astype(np.float32)
     path = tmp_path / "pt_inception.pth"
     write_torch_zip(path, arrays, fake_torch)
 
@@ -484,6 +491,11 @@ def test_fid_inception_runs_on_a_synthetic_pth_file(tmp_path, fake_torch):
     features = extractor(images)
     assert features.shape == (2, 2048) and np.all(np.isfinite(features))
     assert np.all(features >= 0) and features.std() > 0  # means of ReLU outputs
+    # The IS logits: the graph's last layer on the same pool3 features.
+    logits = extractor.logits_fn(features)
+    expected = features.astype(np.float64) @ arrays["fc.weight"].T + arrays["fc.bias"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (2, 1008)
 
     del state_dict["Mixed_5b.branch1x1.conv.weight"]
     with pytest.raises(ValueError, match="missing entries"):

@@ -158,6 +158,17 @@ def test_train_and_evaluate_writes_its_workdir(tmp_path):
     assert evaluate.evaluate(config, tmp_path)["bpd"] == result
     assert saved[0].stat().st_mtime_ns == kept_mtime and saved[-1].exists()
 
+    # A sweep over snapshots 1..3 (steps 10, 20, 30 at snapshot_freq 10): the two that
+    # exist, one row each in eval/results.jsonl; none in range is an error naming the steps.
+    config.eval.update(begin_ckpt=1, end_ckpt=3, bpd_num_batches=1, bpd_num_passes=1)
+    rows = evaluate.evaluate(config, tmp_path)["rows"]
+    assert [(row["step"], row["ckpt"]) for row in rows] == [(10, 1), (20, 2)]
+    written = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").open()]
+    assert written == rows and all(np.isfinite(row["nats_per_dim"]) for row in rows)
+    config.eval.update(begin_ckpt=4, end_ckpt=5)
+    with pytest.raises(FileNotFoundError, match=r"steps 40\.\.50.*has the steps \[10, 20\]"):
+        evaluate.evaluate(config, tmp_path)
+
 
 def test_non_finite_loss_stops_with_step_range_and_keeps_checkpoint(tmp_path):
     config = tiny_config(n_iters=20)
@@ -351,6 +362,8 @@ def test_digits_run_trains_and_evaluates_bpd_and_sample_quality(tmp_path, monkey
     assert 0.5 < bpd["mean"] < 20
     assert quality["num_samples"] == 100 and quality["extractor"] == "digits"
     assert quality["fid"] > 0 and np.isfinite(quality["kid_mean"])
+    # The classifier's own logits give an Inception-type score, in [1, number of classes].
+    assert 1.0 <= quality["inception_score"] <= 10.0 and quality["rounding"] == "round"
     eval_dir = tmp_path / "run" / "eval"
     assert (eval_dir / "sample_quality_step_00000010.json").exists()
     assert len(list((eval_dir / "samples_step_00000010").glob("shard_*.npz"))) == 2

@@ -38,6 +38,7 @@ __all__ = [
     "NCSNv2",
     "VP_CONTINUOUS_TIME_SCALE",
     "chain_level",
+    "continuous_labels",
     "count_parameters",
     "get_model",
     "get_score_fn",
@@ -111,6 +112,24 @@ def chain_level(sde: SDE, t: jax.Array) -> jax.Array:
     """
     level = jnp.floor(t * (sde.N - 1) / sde.T + _LEVEL_ROUNDOFF)
     return jnp.clip(level, 0, sde.N - 1).astype(jnp.int32)
+
+
+def continuous_labels(config: ml_collections.ConfigDict, *, ode: bool) -> bool:
+    """Whether the samplers and the likelihood feed the network continuous labels.
+
+    A continuously trained model always takes them. A discretely trained VP (DDPM) model
+    takes its discrete labels and chain stds in predictor--corrector sampling, and on the
+    probability-flow ODE (``ode``: ``sampling.method='ode'`` and the likelihood) the
+    continuous adapter (label :math:`999 t`, the marginal std) when
+    ``sampling.ode_continuous_score`` (default True), as the 2021 reference does: the
+    discrete adapter's label and std are piecewise constant in ``t``, which an ODE solver
+    integrates badly. A discretely trained VE (SMLD) model keeps its discrete labels: its
+    network looks sigma up by index and cannot read a continuous sigma.
+    """
+    if config.training.continuous:
+        return True
+    vp = config.training.sde.lower() == "vpsde"
+    return ode and vp and bool(config.sampling.get("ode_continuous_score", True))
 
 
 def get_score_fn(
