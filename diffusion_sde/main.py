@@ -51,6 +51,13 @@ class _QuietLibraries(python_logging.Filter):
 
 def _fail(message: str) -> None:
     """Report a user error on one line and exit with status 2."""
+    try:  # a progress bar left open by the error would end up after the message
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except ImportError:
+        pass
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
