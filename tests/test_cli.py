@@ -374,7 +374,7 @@ def test_config_that_does_not_fit_the_checkpoints(trained):
     assert_user_error(result, "do not fit this config's model", "config.json")
 
 
-def test_metrics_cut_by_a_kill_are_repaired_on_resume(trained, tmp_path):
+def test_metrics_and_partial_checkpoint_of_a_kill_are_repaired_on_resume(trained, tmp_path):
     path = tmp_path / "run"
     shutil.copytree(trained["path"], path)
     metrics = path / "metrics.jsonl"
@@ -382,10 +382,13 @@ def test_metrics_cut_by_a_kill_are_repaired_on_resume(trained, tmp_path):
     with metrics.open("a") as f:
         f.write(json.dumps({"step": 25, "loss": 0.5, "grad_norm": 1.0, "steps_per_sec": 1}))
         f.write('\n{"step": 30, "lo')
+    # And the folder of a save the kill cut short.
+    (path / "checkpoints" / "30.orbax-checkpoint-tmp" / "default").mkdir(parents=True)
     result = train_main(path, 20)  # resumes at step 20: nothing left to train
     assert result.returncode == 0, result.stderr[-3000:]
     assert metrics.read_text().endswith("\n")
     assert train_records(metrics) == [5, 10, 15, 20]
+    assert sorted(p.name for p in (path / "checkpoints").iterdir()) == ["10", "20"]
 
 
 def test_repair_jsonl(tmp_path):
