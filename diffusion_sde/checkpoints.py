@@ -701,14 +701,21 @@ def _table(config, weights: SourceWeights, data_shape) -> list[Entry]:
 
 
 def name_table(
-    config: ml_collections.ConfigDict, path: str | pathlib.Path, format: str
+    config: ml_collections.ConfigDict,
+    checkpoint: str | pathlib.Path | SourceWeights,
+    format: str | None = None,
 ) -> list[Entry]:
     """The table from the checkpoint's array names to our parameter paths, for the network
     ``config.model`` builds (``config`` is the full config: ``config.data`` gives the
-    image shape)."""
+    image shape). ``checkpoint`` is a path (with its ``format``) or the
+    :class:`SourceWeights` of :func:`read_checkpoint` (only names and shapes are read)."""
     from diffusion_sde import data as data_lib
 
-    weights = read_checkpoint(path, format)
+    weights = checkpoint
+    if not isinstance(weights, SourceWeights):
+        if format is None:
+            raise CheckpointError(f"name the format of {checkpoint}: one of {sorted(FORMATS)}")
+        weights = read_checkpoint(checkpoint, format)
     return _table(_model_config(config), weights, data_lib.data_shape(config.data))
 
 

@@ -277,6 +277,7 @@ def make_torch(score_sde_pytorch: pathlib.Path) -> None:
                 "score_sde_pytorch cb1f359f",
             )
     make_diffusers()
+    make_shapes()
 
 
 def make_diffusers() -> None:
@@ -324,6 +325,64 @@ def make_diffusers() -> None:
     }
     (OUT / "diffusers_ddpm.json").write_text(json.dumps(meta, indent=1) + "\n")
     print("diffusers_ddpm", out.shape)
+
+
+# Published score_sde_pytorch checkpoints: their source config and our config that loads each.
+PUBLISHED = {
+    "vp/cifar10_ddpmpp_continuous": "cifar10_ddpmpp_continuous_vp",
+    "vp/cifar10_ddpmpp_deep_continuous": "cifar10_ddpmpp_deep_continuous_vp",
+    "subvp/cifar10_ddpmpp_continuous": "cifar10_ddpmpp_continuous_subvp",
+    "ve/cifar10_ncsnpp_continuous": "cifar10_ncsnpp_continuous_ve",
+    "ve/cifar10_ncsnpp_deep_continuous": "cifar10_ncsnpp_deep_continuous_ve",
+    "vp/ddpm/cifar10": "cifar10_ddpm_vp",
+}
+
+
+def make_shapes() -> None:
+    """``published_shapes.json.gz``: the array names and shapes of the full-size published
+    networks (score_sde_pytorch's, and diffusers' google/ddpm-cifar10-32 with the config of
+    its model card), built by their own code, so the name table is tested on the real
+    layouts without the weights."""
+    import gzip
+    import importlib
+
+    import diffusers
+    import torch
+    from models import utils as mutils
+
+    shapes = {}
+    for source, ours in PUBLISHED.items():
+        config = importlib.import_module("configs." + source.replace("/", ".")).get_config()
+        model = torch.nn.DataParallel(mutils.get_model(config.model.name)(config))
+        state = {k: list(v.shape) for k, v in model.state_dict().items()}
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        shapes[source] = dict(config=ours, state_dict=state, trainable=trainable)
+    unet = diffusers.UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,
+        norm_eps=1e-6,
+        norm_num_groups=32,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        time_embedding_type="positional",
+        act_fn="silu",
+        center_input_sample=False,
+    )
+    shapes["google/ddpm-cifar10-32"] = dict(
+        config="cifar10_ddpm_vp",
+        state_dict={k: list(v.shape) for k, v in unet.state_dict().items()},
+        trainable=sum(p.numel() for p in unet.parameters()),
+    )
+    with gzip.open(OUT / "published_shapes.json.gz", "wt") as file:
+        json.dump(shapes, file)
+    print({k: v["trainable"] for k, v in shapes.items()})
 
 
 # ---------------------------------------------------------------------------- Flax source

@@ -4,6 +4,8 @@ source's outputs; import mode writes a workdir that sample mode uses; bad files 
 mismatched configs get clear errors."""
 
 import collections
+import gzip
+import importlib
 import json
 import pathlib
 import pickle
@@ -242,3 +244,48 @@ def test_import_mode_without_checkpoint_flag_says_what_to_pass(tmp_path):
     with pytest.raises(app.UsageError, match="--checkpoint=PATH and --format=NAME"):
         main.main([])
     flags.FLAGS.unparse_flags()
+
+
+# ------------------------------------------------- the published networks' full layouts
+
+
+def _published():
+    with gzip.open(FIXTURES / "published_shapes.json.gz", "rt") as file:
+        return json.load(file)
+
+
+@pytest.mark.parametrize("source", sorted(_published()))
+def test_name_table_fits_the_published_full_size_layout(source):
+    """The name table maps every array of the full-size published network (names and
+    shapes recorded from the source's own code) onto our config's network, shape for
+    shape, and the parameter counts agree."""
+    published = _published()[source]
+    config = importlib.import_module(f"configs.{published['config']}").get_config()
+    diffusers = source.startswith("google/")
+    ncsnpp_fourier = config.model.name == "ncsnpp" and config.model.embedding_type == "fourier"
+    config.model.fourier_in_params = ncsnpp_fourier
+    if config.model.name == "ddpm" and not diffusers:
+        config.model.decoder_attention = "once_per_level"
+    arrays = {
+        name: np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, [0] * len(shape))
+        for name, shape in published["state_dict"].items()
+    }
+    if not diffusers:
+        arrays = {k.removeprefix("module."): v for k, v in arrays.items()}
+    weights = checkpoints.SourceWeights(arrays, None, 0, "diffusers" if diffusers else "torch")
+    table = checkpoints.name_table(config, weights)
+    for entry in table:
+        converted = checkpoints.TRANSFORMS[entry.transform](arrays[entry.source])
+        assert converted.shape == entry.shape, entry
+    ours = sum(int(np.prod(entry.shape)) for entry in table)
+    # Ours counts NCSN++'s Fourier frequencies W (nf of them), a buffer-like parameter
+    # without gradient there.
+    fourier = config.model.nf if config.model.fourier_in_params else 0
+    assert ours == published["trainable"] + fourier
+    assert ours == count_parameters(
+        jax.eval_shape(
+            lambda: get_model(config.model).init(
+                jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.ones((1,))
+            )
+        )
+    )
