@@ -329,9 +329,14 @@ REFUSED = {
         "(format 'score_sde' or 'score_sde_pytorch') instead."
     ),
     "consistency_models": (
-        "an openai consistency_models_cifar10 checkpoint: an NCSN++ trained with EDM's "
-        "preconditioning (c_skip, c_out, c_in with sigma_data = 0.5) and a consistency-model "
-        "parameterisation, which no score function here applies; it is not mapped."
+        "an openai consistency_models_cifar10 checkpoint (jcm): its NCSN++ is score_sde's "
+        "except that the Fourier features embed c_noise = log(sigma)/4 itself (score_sde "
+        "embeds log sigma), and its output is EDM's denoiser D = c_skip x + c_out "
+        "F(c_in x, c_noise), c_in = 1/sqrt(sigma^2 + 0.25), c_skip = 0.25/(sigma^2 + 0.25), "
+        "c_out = 0.5 sigma/sqrt(sigma^2 + 0.25) (sigma_data = 0.5; consistency models shift "
+        "c_skip and c_out by sigma_min). This codebase has no EDM preconditioning around its "
+        "networks, so the checkpoint is refused rather than loaded into a network that "
+        "would compute something else."
     ),
 }
 
@@ -387,8 +392,8 @@ def _plain_torch_state_dict(path: pathlib.Path) -> SourceWeights:
 
 def _score_sde_flax(path: pathlib.Path) -> SourceWeights:
     state = _read_msgpack(path)
-    if isinstance(state, Mapping) and "ema_params" in state and "params" in state:
-        raise FormatError(f"{path} looks like {REFUSED['consistency_models']}")
+    if _is_consistency_models_state(state):
+        raise FormatError(f"{path} is {REFUSED['consistency_models']}")
     if not isinstance(state, Mapping) or "optimizer" not in state:
         keys = list(state) if isinstance(state, Mapping) else type(state).__name__
         raise FormatError(
@@ -402,7 +407,39 @@ def _score_sde_flax(path: pathlib.Path) -> SourceWeights:
     return SourceWeights(raw, ema, int(np.asarray(state.get("step", 0))), "flax")
 
 
+# diffusers UNet2DModel settings that our DDPM computes, checked when config.json is there.
+_DIFFUSERS_DDPM_SETTINGS = {
+    "_class_name": "UNet2DModel",
+    "attention_head_dim": None,  # one head over all channels, as Ho et al.
+    "time_embedding_type": "positional",
+    "flip_sin_to_cos": False,  # [sin, cos]
+    "freq_shift": 1,  # frequencies 10000^(-i/(d/2 - 1))
+    "norm_num_groups": 32,
+    "norm_eps": 1e-6,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "resnet_time_scale_shift": "default",
+    "downsample_padding": 0,
+    "class_embed_type": None,
+}
+
+
+def _check_diffusers_config(path: pathlib.Path) -> None:
+    config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if not config_file.exists():
+        return
+    unet = json.loads(config_file.read_text())
+    for key, value in _DIFFUSERS_DDPM_SETTINGS.items():
+        if key in unet and unet[key] != value:
+            raise MismatchError(
+                f"{config_file}: {key} = {unet[key]!r}, but this codebase's DDPM computes "
+                f"{key} = {value!r}; the network is not mapped"
+            )
+
+
 def _diffusers(path: pathlib.Path) -> SourceWeights:
+    _check_diffusers_config(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors")) or sorted(path.glob("*/*.safetensors"))
         if not candidates:
@@ -424,8 +461,23 @@ def _edm(path: pathlib.Path) -> SourceWeights:
     raise FormatError(f"{path} is {REFUSED['edm_pickle']}")
 
 
+def _is_consistency_models_state(state) -> bool:
+    # jcm's State: step, lr, ema_rate, params, params_ema, model_state, opt_state, rng_state.
+    return (
+        isinstance(state, Mapping)
+        and {"params", "params_ema", "opt_state"} <= set(state)
+        and "optimizer" not in state
+    )
+
+
 def _consistency_models(path: pathlib.Path) -> SourceWeights:
-    raise FormatError(f"{path}: {REFUSED['consistency_models']}")
+    state = _read_msgpack(path)
+    if not _is_consistency_models_state(state):
+        raise FormatError(
+            f"{path} is not a consistency_models_cifar10 checkpoint (a state with params, "
+            "params_ema, opt_state)"
+        )
+    raise FormatError(f"{path} is {REFUSED['consistency_models']}")
 
 
 FORMATS: dict[str, Callable[[pathlib.Path], SourceWeights]] = {

@@ -163,8 +163,30 @@ def test_edm_and_other_networks_are_refused_saying_what_differs(tmp_path):
     pickle_file.write_bytes(b"\x80\x04not a zip")
     with pytest.raises(checkpoints.FormatError, match="preconditioning"):
         checkpoints.load_variables(config, pickle_file, "edm")
-    with pytest.raises(checkpoints.FormatError, match="preconditioning"):
+    with pytest.raises(checkpoints.FormatError, match="not a Flax msgpack"):
         checkpoints.load_variables(config, pickle_file, "consistency_models")
+    # jcm's State (consistency_models_cifar10), as its checkpoints.save_checkpoint writes it
+    from flax import serialization
+
+    jcm = tmp_path / "checkpoint_80"
+    one = {"Conv_0": {"kernel": np.ones((3, 3, 3, 8), np.float32)}}
+    jcm.write_bytes(
+        serialization.msgpack_serialize(
+            dict(
+                step=80,
+                lr=4e-4,
+                ema_rate=0.9999,
+                params=one,
+                params_ema=one,
+                model_state={},
+                opt_state={},
+                rng_state=np.zeros(2, np.uint32),
+            )
+        )
+    )
+    for format in ("consistency_models", "score_sde"):
+        with pytest.raises(checkpoints.FormatError, match="EDM's denoiser.*c_skip"):
+            checkpoints.load_variables(config, jcm, format)
     # a diffusers NCSN++ (Fourier time projection, skip blocks)
     header = json.dumps({"time_proj.W": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
     header = header.encode()
@@ -289,3 +311,14 @@ def test_name_table_fits_the_published_full_size_layout(source):
             )
         )
     )
+
+
+def test_diffusers_settings_we_do_not_compute_are_refused(tmp_path):
+    config, meta = fixture_config("diffusers_ddpm")
+    directory = tmp_path / "unet"
+    shutil.copytree(FIXTURES / meta["file"], directory)
+    unet = json.loads((directory / "config.json").read_text())
+    unet["attention_head_dim"] = 8
+    (directory / "config.json").write_text(json.dumps(unet))
+    with pytest.raises(checkpoints.MismatchError, match="attention_head_dim = 8"):
+        checkpoints.load_variables(config, directory, "diffusers")
