@@ -63,6 +63,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from diffusion_sde import errors
+
 __all__ = [
     "FORMATS",
     "INNER_NAMES",
@@ -82,7 +84,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
     """A checkpoint that cannot be loaded into the configured network."""
 
 
