@@ -1,7 +1,8 @@
 """Entry point: ``python -m diffusion_sde.main --config=configs/FILE.py --workdir=DIR``.
 
-``--mode`` is ``train`` (the default; resumes from ``DIR/checkpoints``), ``eval`` or
-``sample``. Config fields are overridable on the command line, e.g.
+``--mode`` is ``train`` (the default; resumes from ``DIR/checkpoints``), ``eval``,
+``sample`` or ``import`` (``--checkpoint=PATH --format=NAME``: a published checkpoint
+written into ``DIR`` for ``eval`` and ``sample``; see :mod:`diffusion_sde.checkpoints`). Config fields are overridable on the command line, e.g.
 ``--config.training.batch_size=64``. On a TPU pod or a GPU cluster pass ``--multihost``
 to call ``jax.distributed.initialize()`` (which reads the cluster from the environment)
 before anything touches the devices.
@@ -25,7 +26,13 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and metrics.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "import"], "What to run.")
+flags.DEFINE_string("checkpoint", None, "--mode=import: the published checkpoint file.")
+flags.DEFINE_string(
+    "format",
+    None,
+    "--mode=import: its format (score_sde, score_sde_pytorch, torch_state_dict, diffusers, ...).",
+)
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
 flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -94,12 +101,21 @@ def main(argv):
         jax.distributed.initialize()
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from diffusion_sde import errors, evaluate, train
+    from diffusion_sde import checkpoints, errors, evaluate, train
+
+    def import_published(config, workdir):
+        if not FLAGS.checkpoint or not FLAGS.format:
+            raise errors.UserError(
+                "--mode=import needs --checkpoint=PATH and --format=NAME, NAME one of "
+                f"{sorted(checkpoints.FORMATS)}."
+            )
+        checkpoints.import_checkpoint(config, workdir, FLAGS.checkpoint, FLAGS.format)
 
     modes = {
         "train": train.train_and_evaluate,
         "eval": evaluate.evaluate,
         "sample": evaluate.sample,
+        "import": import_published,
     }
     try:
         errors.check_config(FLAGS.config)

@@ -213,3 +213,22 @@ def test_digits_trains_a_tiny_run_when_there_is_none(tmp_path):
         "samples_pc",
     ]
     assert figures_shown(notebook) == len(figures)
+
+
+@pytest.mark.slow  # about 80 s on 2 CPU cores: compiles three samplers
+def test_pretrained_loads_the_fixture_checkpoint_and_samples_it(tmp_path):
+    notebook = run_notebook(
+        "pretrained.ipynb",
+        tmp_path,
+        NUM_SAMPLES=4,
+        PC_STEPS=20,
+        DPM_STEPS=4,
+        ADAPTIVE_TOLERANCE=1e-2,
+    )
+    outputs = "".join(
+        output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
+    )
+    assert "EMA parameters restored exactly: True" in outputs
+    assert outputs.count("finite: True") == 3
+    assert (tmp_path / "workdir" / "figures" / "samples.png").exists()
+    assert figures_shown(notebook) == 1

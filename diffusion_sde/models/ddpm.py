@@ -25,8 +25,10 @@ Layout, for ``L = len(ch_mult)`` resolutions (PixelCNN++-style; appendix B of Ho
    zero scale.
 
 The decoder attends after every block as Ho et al.'s TensorFlow code does (``unet.py``),
-which gives their 35.7M parameters on CIFAR-10 (35,746,307 exactly). The 2021 reference's
-port attends once per decoder level, after the blocks: 35,218,947 parameters.
+which gives their 35.7M parameters on CIFAR-10 (35,746,307 exactly); so does the diffusers
+port of their checkpoint. The 2021 reference's port attends once per decoder level, after
+the blocks: 35,218,947 parameters. ``model.decoder_attention`` chooses: ``'every_block'``
+(the default) or ``'once_per_level'`` (to load the 2021 reference's checkpoints).
 
 Residual blocks are those of Ho et al.: GroupNorm(32), swish, conv, plus the projected
 time embedding, GroupNorm(32), swish, dropout, conv (zero-scale init), and a 1x1
@@ -36,7 +38,8 @@ Config fields (``model.*``): ``nf``, ``ch_mult``, ``num_res_blocks``,
 ``attn_resolutions``, ``dropout``, ``resamp_with_conv``, ``conditional``, ``centered``,
 ``scale_by_sigma`` (with ``sigma_min``, ``sigma_max``, ``num_scales``), ``nonlinearity``
 (``swish``); optional ``num_classes`` (0), ``dtype`` (``float32``) and ``conv_impl``
-(``auto``, see :mod:`diffusion_sde.models.ncsnpp`). ``normalization`` is always
+(``auto``, see :mod:`diffusion_sde.models.ncsnpp`) and ``decoder_attention``
+(``every_block``). ``normalization`` is always
 GroupNorm with 32 groups, so every width must be a multiple of 32.
 """
 
@@ -54,6 +57,8 @@ from diffusion_sde.models.ncsnpp import get_sigmas, resolve_conv_impl
 
 # Ho et al.'s blocks: GroupNorm with 32 groups, plain sums, zero-scale last layers.
 NUM_GROUPS = 32
+# Where the decoder attends: after every residual block (Ho et al.) or once per level.
+DECODER_ATTENTION = ("every_block", "once_per_level")
 
 
 def label_embedding(
@@ -108,6 +113,9 @@ class DDPM(nn.Module):
         act = layers.choose("nonlinearity", config.nonlinearity, layers.ACTIVATIONS)
         dtype = layers.choose("dtype", config.get("dtype", "float32"), layers.DTYPES)
         common = dict(dtype=dtype, conv_impl=resolve_conv_impl(config.get("conv_impl", "auto")))
+        decoder_attention = layers.check_option(
+            "decoder_attention", config.get("decoder_attention", "every_block"), DECODER_ATTENTION
+        )
 
         conv3x3 = functools.partial(layers.Conv, kernel_size=3, **common)
         ResnetBlock = functools.partial(
@@ -161,8 +169,10 @@ class DDPM(nn.Module):
                 h = ResnetBlock(out_ch=nf * ch_mult[i_level])(
                     jnp.concatenate([h, hs.pop()], axis=-1), temb, train
                 )
-                if h.shape[1] in attn_resolutions:
+                if decoder_attention == "every_block" and h.shape[1] in attn_resolutions:
                     h = AttnBlock()(h)
+            if decoder_attention == "once_per_level" and h.shape[1] in attn_resolutions:
+                h = AttnBlock()(h)
             if i_level != 0:
                 h = Upsample()(h)
         assert not hs, "every skip connection is used once"

@@ -760,17 +760,28 @@ class GaussianFourierProjection(nn.Module):
 
     with :math:`W \in \mathbb R^{\text{embedding\_size}}`, :math:`\sigma` = ``scale``
     (16 in NCSN++), giving ``2 * embedding_size`` features. :math:`W` is not trained (a
-    buffer in the reference PyTorch code): here it is a constant drawn from a fixed seed,
-    part of the architecture, and it is *not* in ``params`` nor in the parameter count.
+    buffer in the reference PyTorch code): by default it is a constant drawn from a fixed
+    seed, part of the architecture, and it is *not* in ``params`` nor in the parameter
+    count. With ``in_params`` it is the parameter ``W`` (drawn at init, gradient stopped),
+    as in the 2021 Flax and PyTorch code, so that a published checkpoint's frequencies can
+    be loaded (``model.fourier_in_params``; see :mod:`diffusion_sde.checkpoints`).
     """
 
     embedding_size: int = 256
     scale: float = 1.0
     seed: int = 0
+    in_params: bool = False
 
+    @nn.compact
     def __call__(self, s: jax.Array) -> jax.Array:
-        rng = np.random.default_rng(self.seed)
-        W = (rng.standard_normal(self.embedding_size) * self.scale).astype(np.float32)
+        if self.in_params:
+            W = self.param(
+                "W", jax.nn.initializers.normal(stddev=self.scale), (self.embedding_size,)
+            )
+            W = lax.stop_gradient(W)
+        else:
+            rng = np.random.default_rng(self.seed)
+            W = (rng.standard_normal(self.embedding_size) * self.scale).astype(np.float32)
         s_proj = s.astype(jnp.float32)[:, None] * W[None, :] * (2 * np.pi)
         return jnp.concatenate([jnp.sin(s_proj), jnp.cos(s_proj)], axis=-1)
 

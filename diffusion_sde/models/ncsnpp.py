@@ -26,7 +26,8 @@ Layout, for ``L = len(ch_mult)`` resolutions (all convolutions 3x3 unless stated
    ``init_scale``), or the output pyramid when ``progressive='output_skip'``.
 
 Parameter count: the Fourier frequencies are a fixed buffer, not parameters (see
-:class:`~diffusion_sde.models.layers.GaussianFourierProjection`).
+:class:`~diffusion_sde.models.layers.GaussianFourierProjection`), unless
+``model.fourier_in_params`` (needed to load a published NCSN++ checkpoint).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class NCSNpp(nn.Module):
     ``fourier_scale``, ``init_scale``, ``scale_by_sigma``, ``nonlinearity``,
     ``centered``; ``sigma_min``, ``sigma_max``, ``num_scales`` (only for
     ``scale_by_sigma`` with positional embedding). Optional, with defaults:
-    ``num_classes`` (0), ``dtype`` (``'float32'``), ``conv_impl`` (``'auto'``). Image
+    ``num_classes`` (0), ``dtype`` (``'float32'``), ``conv_impl`` (``'auto'``),
+    ``fourier_in_params`` (False: the Fourier frequencies a constant, not a parameter). Image
     size and channels are those of ``x`` (``image_size`` is not read).
 
     Call: ``model.apply(variables, x, time_cond, y=None, train=False, rngs={'dropout':
@@ -175,9 +177,11 @@ class NCSNpp(nn.Module):
         if embedding_type == "fourier":
             # time_cond is sigma; the features are those of log sigma.
             used_sigmas = time_cond
-            temb = layers.GaussianFourierProjection(embedding_size=nf, scale=config.fourier_scale)(
-                jnp.log(time_cond)
-            )
+            temb = layers.GaussianFourierProjection(
+                embedding_size=nf,
+                scale=config.fourier_scale,
+                in_params=config.get("fourier_in_params", False),
+            )(jnp.log(time_cond))
         else:
             temb = layers.get_timestep_embedding(time_cond, nf)
             used_sigmas = None

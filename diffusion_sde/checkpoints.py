@@ -1,0 +1,879 @@
+r"""Published checkpoints: read them into this codebase's networks, or import them into a workdir.
+
+The field evaluates fast samplers on the pretrained models of score_sde (Song et al. 2021)
+and of DDPM (Ho et al. 2020, as ported by diffusers). Our networks compute what the 2021
+reference networks compute, so each of those checkpoints becomes Flax variables of the
+network that ``config.model`` builds, parameter for parameter:
+
+===================== =============================================== ======================
+``format``            what the file is                                read with
+===================== =============================================== ======================
+``score_sde``         score_sde's Flax ``checkpoints.save_checkpoint`` msgpack
+                      msgpack (``optimizer.target``, ``params_ema``,
+                      ``model_state``, ``step``)
+``score_sde_pytorch`` score_sde_pytorch's ``torch.save`` of             a restricted
+                      ``{model, ema, optimizer, step}``               unpickler (no torch)
+``torch_state_dict``  a plain ``state_dict()`` of a score_sde_pytorch    the same
+                      network (``all_modules.*`` names)
+``diffusers``         diffusers' ``UNet2DModel`` safetensors           a safetensors parser
+                      (``google/ddpm-cifar10-32``)                     (no torch)
+===================== =============================================== ======================
+
+Files of EDM (Karras et al. 2022: pickles of a ``SongUNet`` under an EDM preconditioner,
+and state dicts exported from them), of openai's consistency models and of diffusers'
+NCSN++ port are recognised and refused with an error that says what differs (see
+:data:`REFUSED`). Torch is never imported: ``torch.save`` files are zip archives of a
+pickle and raw storages, read here with an unpickler that only builds tensors and
+ordered dicts (anything else in the pickle is an error, so a file cannot run code).
+
+The map from the source's parameter names to ours is explicit and printable
+(:func:`name_table`): our network's top-level modules in the order it calls them are paired
+with the source's, in the source's own order (``all_modules.<k>`` of score_sde_pytorch,
+Flax auto-names ``<Class>_<k>`` of score_sde, diffusers' block names); inside a module
+the names follow :data:`INNER_NAMES`, and arrays are converted by :data:`TRANSFORMS`
+(PyTorch's ``OIHW`` convolutions to ``HWIO``, ``(out, in)`` linears to ``(in, out)``,
+score_sde's ``NIN`` matrices to 1x1 convolutions).
+
+Two model options exist only to load checkpoints exactly (both in the cifar10 configs):
+``model.fourier_in_params=True`` keeps NCSN++'s Fourier frequencies as the parameter
+``W`` the checkpoint stores, and ``model.decoder_attention='once_per_level'`` is the DDPM
+decoder of score_sde (``'every_block'``, the default, is Ho et al.'s and diffusers').
+
+Errors are :class:`CheckpointError` (a ``ValueError``): :class:`FormatError` for a file
+that is not of the format named, or is truncated; :class:`MismatchError` for a config
+that does not build the checkpoint's network (it names the parameter and both shapes).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import json
+import pathlib
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion_sde import errors
+
+__all__ = [
+    "FORMATS",
+    "INNER_NAMES",
+    "REFUSED",
+    "TRANSFORMS",
+    "CheckpointError",
+    "Entry",
+    "FormatError",
+    "MismatchError",
+    "SourceWeights",
+    "import_checkpoint",
+    "load_variables",
+    "name_table",
+    "read_checkpoint",
+    "read_safetensors",
+    "read_torch",
+]
+
+
+class CheckpointError(errors.UserError, ValueError):
+    """A checkpoint that cannot be loaded into the configured network."""
+
+
+class FormatError(CheckpointError):
+    """The file is not of the format named (or not of any format known), or is truncated."""
+
+
+class MismatchError(CheckpointError):
+    """The checkpoint's network is not the one ``config.model`` builds."""
+
+
+# ----------------------------------------------------------------------------- torch files
+
+# torch's storage classes, by the name the pickle gives them, and their numpy dtypes.
+_TORCH_STORAGE_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    dtype: Any
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
+    # torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, ...)
+    itemsize = storage.dtype.itemsize
+    if not size:
+        return np.array(storage[storage_offset])
+    return np.lib.stride_tricks.as_strided(
+        storage[storage_offset:], shape=tuple(size), strides=[s * itemsize for s in stride]
+    ).copy()
+
+
+def _rebuild_parameter(data, *_unused):
+    return data
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    """Unpickles ``data.pkl`` of a ``torch.save`` zip, building tensors as numpy arrays.
+
+    Only the globals a state dict or a score_sde_pytorch checkpoint needs are allowed;
+    any other global (which a pickle would call) is a :class:`FormatError`.
+    """
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str):
+        super().__init__(file)
+        self._archive, self._prefix, self._source = archive, prefix, source
+        self._storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+            return _StorageType(_TORCH_STORAGE_DTYPES[name])
+        if module == "torch" and name == "device":
+            return str
+        raise FormatError(
+            f"{self._source}: the pickle asks for {module}.{name}, which a checkpoint of "
+            "tensors does not need, so it is not unpickled (it could run code). Export the "
+            "network's state_dict() with torch.save and load that (format "
+            "'torch_state_dict')."
+        )
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, numel = pid
+        if kind != "storage":
+            raise FormatError(f"{self._source}: unknown persistent id {kind!r} in the pickle")
+        if key not in self._storages:
+            try:
+                raw = self._archive.read(f"{self._prefix}data/{key}")
+            except KeyError as error:
+                raise FormatError(
+                    f"{self._source}: storage {key} is missing from the archive (truncated?)"
+                ) from error
+            dtype = storage_type.dtype
+            if dtype == "bfloat16":
+                array = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
+                array = array.view(np.float32)
+            else:
+                array = np.frombuffer(raw, dtype)
+            if array.size < numel:
+                raise FormatError(f"{self._source}: storage {key} is short (truncated file?)")
+            self._storages[key] = array
+        return self._storages[key]
+
+
+def read_torch(path: str | pathlib.Path) -> Any:
+    """The object a ``torch.save`` zip file holds, with tensors as numpy arrays (no torch).
+
+    Raises :class:`FormatError` for a file that is not a torch zip archive (including
+    torch's pre-1.6 format), a truncated one, or one whose pickle needs other globals.
+    """
+    path = pathlib.Path(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise FormatError(
+            f"{path} is not a torch.save zip archive ({error}); a file of torch < 1.6 must "
+            "be re-saved with a current torch.save first."
+        ) from error
+    with archive:
+        pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+        if not pickles:
+            raise FormatError(f"{path} is a zip file without data.pkl: not a torch.save file")
+        prefix = pickles[0][: -len("data.pkl")]
+        byteorder = f"{prefix}byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder) != b"little":
+            raise FormatError(f"{path}: big-endian torch files are not supported")
+        try:
+            return _TorchUnpickler(
+                io.BytesIO(archive.read(pickles[0])), archive, prefix, str(path)
+            ).load()
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as error:
+            if isinstance(error, CheckpointError):
+                raise
+            raise FormatError(f"{path}: unreadable torch pickle ({error}); truncated?") from error
+
+
+# ------------------------------------------------------------------------------ safetensors
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """The tensors of a ``.safetensors`` file: an 8-byte little-endian header length, a
+    JSON header ``{name: {dtype, shape, data_offsets}}``, then the raw buffer."""
+    path = pathlib.Path(path)
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise FormatError(f"{path} is too short to be a safetensors file")
+    header_size = int.from_bytes(data[:8], "little")
+    if header_size > len(data) - 8:
+        raise FormatError(f"{path} is not a safetensors file, or is truncated (header length)")
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{path} is not a safetensors file (its header is not JSON)") from error
+    buffer = memoryview(data)[8 + header_size :]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if end > len(buffer):
+            raise FormatError(f"{path} is truncated: tensor {name!r} ends past the file")
+        if info["dtype"] == "BF16":
+            raw = np.frombuffer(buffer[start:end], np.uint16).astype(np.uint32) << 16
+            array = raw.view(np.float32)
+        elif info["dtype"] in _SAFETENSORS_DTYPES:
+            array = np.frombuffer(buffer[start:end], _SAFETENSORS_DTYPES[info["dtype"]])
+        else:
+            raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        tensors[name] = array.reshape(info["shape"]).copy()
+    return tensors
+
+
+# ------------------------------------------------------------------------------- msgpack
+
+
+def _read_msgpack(path: pathlib.Path) -> Any:
+    from flax import serialization
+
+    try:
+        return serialization.msgpack_restore(path.read_bytes())
+    except Exception as error:  # noqa: BLE001 -- msgpack raises many kinds for bad bytes
+        raise FormatError(
+            f"{path} is not a Flax msgpack checkpoint, or is truncated ({type(error).__name__}: "
+            f"{error})"
+        ) from error
+
+
+def _flatten(tree: Mapping, separator: str, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{separator}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, separator, name))
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
+# ------------------------------------------------------------------------- source weights
+
+
+@dataclasses.dataclass
+class SourceWeights:
+    """A checkpoint's arrays by their source names: ``raw`` (the trained weights), ``ema``
+    (their exponential moving average, or None), ``step`` and ``dialect`` (which naming:
+    ``'torch'``, ``'flax'`` or ``'diffusers'``)."""
+
+    raw: dict[str, np.ndarray]
+    ema: dict[str, np.ndarray] | None
+    step: int
+    dialect: str
+
+
+# Recognised and refused: what differs from the networks here.
+REFUSED = {
+    "edm_pickle": (
+        "an EDM network pickle: unpickling it runs EDM's code, so it is not read. EDM's "
+        "VP/VE baselines (baseline-cifar10-32x32-uncond-vp/ve) are score_sde's DDPM++/NCSN++ "
+        "re-trained in EDM's SongUNet, whose layers are named and laid out differently "
+        "(UNetBlock with fused qkv attention and learnt resampling filters), and "
+        "edm-cifar10-32x32-* are trained under EDM's preconditioning (c_skip, c_out, c_in, "
+        "c_noise = log(sigma)/4), which no score function here applies. Neither is mapped. "
+        "Load score_sde's own checkpoints of the same networks (format 'score_sde' or "
+        "'score_sde_pytorch') instead."
+    ),
+    "edm_state_dict": (
+        "a state dict of EDM's SongUNet (names map_noise/enc/dec): its UNetBlocks (fused qkv "
+        "attention, learnt resampling filters, EDM's preconditioning for edm-* models) are not "
+        "mapped onto this codebase's NCSN++/DDPM++; load score_sde's checkpoint of the same "
+        "network instead."
+    ),
+    "diffusers_ncsnpp": (
+        "diffusers' port of NCSN++ (UNet2DModel with skip blocks and Fourier time embedding, "
+        "e.g. google/ncsnpp-*): its progressive skip blocks are laid out differently from "
+        "score_sde's NCSN++ and are not mapped. Load the original score_sde checkpoint "
+        "(format 'score_sde' or 'score_sde_pytorch') instead."
+    ),
+    "consistency_models": (
+        "an openai consistency_models_cifar10 checkpoint (jcm): its NCSN++ is score_sde's "
+        "except that the Fourier features embed c_noise = log(sigma)/4 itself (score_sde "
+        "embeds log sigma), and its output is EDM's denoiser D = c_skip x + c_out "
+        "F(c_in x, c_noise), c_in = 1/sqrt(sigma^2 + 0.25), c_skip = 0.25/(sigma^2 + 0.25), "
+        "c_out = 0.5 sigma/sqrt(sigma^2 + 0.25) (sigma_data = 0.5; consistency models shift "
+        "c_skip and c_out by sigma_min). This codebase has no EDM preconditioning around its "
+        "networks, so the checkpoint is refused rather than loaded into a network that "
+        "would compute something else."
+    ),
+}
+
+
+def _is_edm_state_dict(names) -> bool:
+    return any(n.startswith(("map_noise.", "enc.", "model.map_noise", "model.enc.")) for n in names)
+
+
+def _torch_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
+    if not isinstance(obj, Mapping) or not all(isinstance(v, np.ndarray) for v in obj.values()):
+        raise FormatError(f"{source} does not hold a state dict of tensors")
+    state = {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+    if _is_edm_state_dict(state):
+        raise FormatError(f"{source} is {REFUSED['edm_state_dict']}")
+    return state
+
+
+def _score_sde_pytorch(path: pathlib.Path) -> SourceWeights:
+    obj = read_torch(path)
+    if not isinstance(obj, Mapping) or "model" not in obj:
+        raise FormatError(
+            f"{path} is not a score_sde_pytorch checkpoint (a dict with 'model', 'ema', "
+            f"'optimizer', 'step'); its keys: {list(obj) if isinstance(obj, Mapping) else type(obj)}. "
+            "For a bare state_dict use format 'torch_state_dict'."
+        )
+    raw = _torch_state_dict(obj["model"], str(path))
+    ema = None
+    if obj.get("ema") is not None:
+        shadow = obj["ema"]["shadow_params"]
+        # ExponentialMovingAverage keeps the parameters with requires_grad, in
+        # parameters() order: the state dict less the buffer `sigmas` and the Fourier
+        # frequencies W (a parameter without gradient).
+        trained = [k for k in raw if k != "sigmas" and not (k.endswith(".W") and raw[k].ndim == 1)]
+        if len(trained) != len(shadow):
+            raise FormatError(
+                f"{path}: the EMA holds {len(shadow)} arrays for {len(trained)} trained "
+                "parameters of the model"
+            )
+        ema = dict(raw)
+        for name, value in zip(trained, shadow, strict=True):
+            if value.shape != raw[name].shape:
+                raise FormatError(f"{path}: EMA array for {name} has shape {value.shape}")
+            ema[name] = value
+    return SourceWeights(raw, ema, int(obj.get("step", 0)), "torch")
+
+
+def _plain_torch_state_dict(path: pathlib.Path) -> SourceWeights:
+    obj = read_torch(path)
+    if isinstance(obj, Mapping) and "model" in obj and "ema" in obj:
+        return _score_sde_pytorch(path)
+    return SourceWeights(_torch_state_dict(obj, str(path)), None, 0, "torch")
+
+
+def _score_sde_flax(path: pathlib.Path) -> SourceWeights:
+    state = _read_msgpack(path)
+    if _is_consistency_models_state(state):
+        raise FormatError(f"{path} is {REFUSED['consistency_models']}")
+    if not isinstance(state, Mapping) or "optimizer" not in state:
+        keys = list(state) if isinstance(state, Mapping) else type(state).__name__
+        raise FormatError(
+            f"{path} is not a score_sde checkpoint (a state with optimizer.target, "
+            f"params_ema, model_state, step); it holds {keys}"
+        )
+    raw = _flatten(state["optimizer"]["target"], "/")
+    ema = _flatten(state["params_ema"], "/") if state.get("params_ema") else None
+    if _flatten(state.get("model_state") or {}, "/"):
+        raise FormatError(f"{path}: the model has batch statistics, which no network here has")
+    return SourceWeights(raw, ema, int(np.asarray(state.get("step", 0))), "flax")
+
+
+# diffusers UNet2DModel settings that our DDPM computes, checked when config.json is there.
+_DIFFUSERS_DDPM_SETTINGS = {
+    "_class_name": "UNet2DModel",
+    "attention_head_dim": None,  # one head over all channels, as Ho et al.
+    "time_embedding_type": "positional",
+    "flip_sin_to_cos": False,  # [sin, cos]
+    "freq_shift": 1,  # frequencies 10000^(-i/(d/2 - 1))
+    "norm_num_groups": 32,
+    "norm_eps": 1e-6,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "resnet_time_scale_shift": "default",
+    "downsample_padding": 0,
+    "class_embed_type": None,
+}
+
+
+def _check_diffusers_config(path: pathlib.Path) -> None:
+    config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if not config_file.exists():
+        return
+    unet = json.loads(config_file.read_text())
+    for key, value in _DIFFUSERS_DDPM_SETTINGS.items():
+        if key in unet and unet[key] != value:
+            raise MismatchError(
+                f"{config_file}: {key} = {unet[key]!r}, but this codebase's DDPM computes "
+                f"{key} = {value!r}; the network is not mapped"
+            )
+
+
+def _diffusers(path: pathlib.Path) -> SourceWeights:
+    _check_diffusers_config(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.safetensors")) or sorted(path.glob("*/*.safetensors"))
+        if not candidates:
+            raise FormatError(f"{path} holds no .safetensors file")
+        path = candidates[0]
+    tensors = read_safetensors(path)
+    if any(n.startswith("time_proj.W") or ".skip_conv." in n for n in tensors):
+        raise FormatError(f"{path} is {REFUSED['diffusers_ncsnpp']}")
+    if "conv_in.weight" not in tensors:
+        raise FormatError(f"{path} is not a diffusers UNet2DModel (it has no conv_in.weight)")
+    return SourceWeights(tensors, None, 0, "diffusers")
+
+
+def _edm(path: pathlib.Path) -> SourceWeights:
+    if zipfile.is_zipfile(path):
+        state = read_torch(path)
+        if isinstance(state, Mapping) and _is_edm_state_dict(state):
+            raise FormatError(f"{path} is {REFUSED['edm_state_dict']}")
+    raise FormatError(f"{path} is {REFUSED['edm_pickle']}")
+
+
+def _is_consistency_models_state(state) -> bool:
+    # jcm's State: step, lr, ema_rate, params, params_ema, model_state, opt_state, rng_state.
+    return (
+        isinstance(state, Mapping)
+        and {"params", "params_ema", "opt_state"} <= set(state)
+        and "optimizer" not in state
+    )
+
+
+def _consistency_models(path: pathlib.Path) -> SourceWeights:
+    state = _read_msgpack(path)
+    if not _is_consistency_models_state(state):
+        raise FormatError(
+            f"{path} is not a consistency_models_cifar10 checkpoint (a state with params, "
+            "params_ema, opt_state)"
+        )
+    raise FormatError(f"{path} is {REFUSED['consistency_models']}")
+
+
+FORMATS: dict[str, Callable[[pathlib.Path], SourceWeights]] = {
+    "score_sde": _score_sde_flax,
+    "score_sde_pytorch": _score_sde_pytorch,
+    "torch_state_dict": _plain_torch_state_dict,
+    "diffusers": _diffusers,
+    "edm": _edm,
+    "consistency_models": _consistency_models,
+}
+
+
+def read_checkpoint(path: str | pathlib.Path, format: str) -> SourceWeights:
+    """The arrays of the checkpoint at ``path`` in ``format`` (one of :data:`FORMATS`)."""
+    if format not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {format!r}; valid: {sorted(FORMATS)}")
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return FORMATS[format](path)
+
+
+# ---------------------------------------------------------------------- the name table
+
+# Names inside our modules -> names inside the source's, where they differ. score_sde names
+# its 1x1 projections NIN_<k> (a matrix W and a bias b) and its FIR convolutions Conv2d_0.
+_SCORE_SDE_INNER = {
+    "AttnBlock": {"Conv_0": "NIN_0", "Conv_1": "NIN_1", "Conv_2": "NIN_2", "Conv_3": "NIN_3"},
+    "ResnetBlockDDPMpp": {"Conv_2": "NIN_0"},
+    "Upsample": {"FIRConv_0": "Conv2d_0"},
+    "Downsample": {"FIRConv_0": "Conv2d_0"},
+}
+INNER_NAMES: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
+    "torch": {k: {a: (b,) for a, b in v.items()} for k, v in _SCORE_SDE_INNER.items()},
+    "flax": {k: {a: (b,) for a, b in v.items()} for k, v in _SCORE_SDE_INNER.items()},
+    # diffusers' ResnetBlock2D and Attention (to_q... in current diffusers, query... in the
+    # files of 2022); the first name present is used.
+    "diffusers": {
+        "ResnetBlockDDPMpp": {
+            "GroupNorm_0": ("norm1",),
+            "Conv_0": ("conv1",),
+            "Dense_0": ("time_emb_proj",),
+            "GroupNorm_1": ("norm2",),
+            "Conv_1": ("conv2",),
+            "Conv_2": ("conv_shortcut",),
+        },
+        "AttnBlock": {
+            "GroupNorm_0": ("group_norm",),
+            "Conv_0": ("to_q", "query"),
+            "Conv_1": ("to_k", "key"),
+            "Conv_2": ("to_v", "value"),
+            "Conv_3": ("to_out.0", "proj_attn"),
+        },
+        "Upsample": {"Conv_0": ("conv",)},
+        "Downsample": {"Conv_0": ("conv",)},
+    },
+}
+# score_sde's Flax class names of our modules (auto-names <Class>_<k> count per class).
+_FLAX_CLASS_NAMES = {
+    "ncsnpp": {"AttnBlock": "AttnBlockpp"},
+    "ddpm": {"ResnetBlockDDPMpp": "ResnetBlockDDPM"},
+}
+
+TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "copy": lambda a: a,
+    "oihw_to_hwio": lambda a: a.transpose(2, 3, 1, 0),  # PyTorch convolution
+    "transpose": lambda a: a.T,  # PyTorch linear (out, in) -> (in, out)
+    "nin_to_1x1": lambda a: a[None, None],  # score_sde NIN (in, out) -> 1x1 convolution
+    "linear_to_1x1": lambda a: a.T[None, None],  # PyTorch linear -> 1x1 convolution
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One row of the name table: the source's array ``source`` is ours at ``target``
+    after ``TRANSFORMS[transform]``."""
+
+    source: str
+    target: tuple[str, ...]
+    transform: str
+    shape: tuple[int, ...]
+
+
+def _children_in_call_order(model: nn.Module, data_shape, conditional: bool):
+    """Our network's abstract params and its top-level modules ``(name, class)`` in the
+    order it calls them (every call, with parameters or not)."""
+    calls: list[tuple[str, str]] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        path = module.scope.path if module.scope is not None else ()
+        if context.method_name == "__call__" and len(path) == 1:
+            entry = (path[0], type(module).__name__)
+            if entry not in calls:
+                calls.append(entry)
+        return next_fun(*args, **kwargs)
+
+    x = jnp.zeros((1, *data_shape), jnp.float32)
+    y = jnp.zeros((1,), jnp.int32) if conditional else None
+    with nn.intercept_methods(interceptor):
+        variables = jax.eval_shape(
+            lambda: model.init(jax.random.PRNGKey(0), x, jnp.ones((1,)), y=y, train=False)
+        )
+    return variables["params"], calls
+
+
+def _leaves(tree: Mapping, prefix=()) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.extend(_leaves(value, (*prefix, key)))
+        else:
+            out.append(((*prefix, key), tuple(value.shape)))
+    return out
+
+
+def _diffusers_prefixes(config: ml_collections.ConfigDict) -> list[str]:
+    """diffusers' ``UNet2DModel`` module names, in our DDPM's call order."""
+    levels, blocks = len(config.ch_mult), config.num_res_blocks
+    attn = tuple(config.attn_resolutions)
+    size = config.get("image_size")
+    if config.get("decoder_attention", "every_block") != "every_block":
+        raise MismatchError(
+            "diffusers' UNet2DModel attends after every decoder block: set "
+            "model.decoder_attention='every_block'"
+        )
+    names = ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
+    for level in range(levels):
+        resolution = size // 2**level
+        for j in range(blocks):
+            names.append(f"down_blocks.{level}.resnets.{j}")
+            if resolution in attn:
+                names.append(f"down_blocks.{level}.attentions.{j}")
+        if level != levels - 1:
+            names.append(f"down_blocks.{level}.downsamplers.0")
+    names += ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"]
+    for level in reversed(range(levels)):
+        resolution = size // 2**level
+        up = levels - 1 - level
+        for j in range(blocks + 1):
+            names.append(f"up_blocks.{up}.resnets.{j}")
+            if resolution in attn:
+                names.append(f"up_blocks.{up}.attentions.{j}")
+        if level != 0:
+            names.append(f"up_blocks.{up}.upsamplers.0")
+    return [*names, "conv_norm_out", "conv_out"]
+
+
+def _source_leaf(dialect: str, our_leaf: str, inner_source: str, ndim: int, our_ndim: int):
+    """The source's array name inside a module, and the transform to ours."""
+    nin = inner_source.split(".")[-1].startswith("NIN")
+    if dialect == "flax":
+        name = {"kernel": "W" if nin else "kernel", "bias": "b" if nin else "bias"}.get(
+            our_leaf, our_leaf
+        )
+        if inner_source.startswith("Conv2d") and our_leaf == "kernel":
+            name = "weight"  # score_sde's FIR Conv2d
+        return name, "nin_to_1x1" if nin and our_leaf == "kernel" else "copy"
+    name = {"kernel": "W" if nin else "weight", "bias": "b" if nin else "bias", "scale": "weight"}
+    name = name.get(our_leaf, our_leaf)
+    if our_leaf != "kernel":
+        return name, "copy"
+    if nin:
+        return name, "nin_to_1x1"
+    if ndim == 2 and our_ndim == 4:
+        return name, "linear_to_1x1"
+    return name, "oihw_to_hwio" if our_ndim == 4 else "transpose"
+
+
+def _pair_modules(config, dialect: str, source_names, calls, params) -> list[tuple[str, str, str]]:
+    """``(our module, its class, the source's module prefix)`` for our modules with params."""
+    with_params = [(name, cls) for name, cls in calls if name in params]
+    if dialect == "diffusers":
+        if config.name != "ddpm":
+            raise MismatchError(
+                f"diffusers checkpoints load into model.name='ddpm' (got {config.name!r})"
+            )
+        prefixes = _diffusers_prefixes(config)
+        if len(prefixes) != len(with_params):
+            raise MismatchError(
+                f"the config's DDPM has {len(with_params)} modules with parameters, "
+                f"diffusers' layout for it {len(prefixes)}"
+            )
+        return [(n, c, p) for (n, c), p in zip(with_params, prefixes, strict=True)]
+    if dialect == "torch":
+        indices = sorted(
+            {int(m.group(1)) for n in source_names if (m := re.match(r"all_modules\.(\d+)\.", n))}
+        )
+        if not indices:
+            raise MismatchError(
+                "the state dict has no all_modules.<k> names: not a score_sde_pytorch network"
+            )
+        if len(indices) != len(with_params):
+            hint = ""
+            if any(re.fullmatch(r"all_modules\.0\.W", n) for n in source_names) and not (
+                config.get("fourier_in_params", False)
+            ):
+                hint = (
+                    " The checkpoint stores NCSN++'s Fourier frequencies (all_modules.0.W): "
+                    "set model.fourier_in_params=True (e.g. --config.model."
+                    "fourier_in_params=True) for import, sample and eval."
+                )
+            raise MismatchError(
+                f"the checkpoint's network has {len(indices)} modules with parameters, the "
+                f"config's {config.name!r} network {len(with_params)}: compare model.nf, "
+                "ch_mult, num_res_blocks, attn_resolutions, resblock_type, progressive*, "
+                f"conditional and decoder_attention with the checkpoint's config.{hint}"
+            )
+        return [(n, c, f"all_modules.{k}") for (n, c), k in zip(with_params, indices, strict=True)]
+    # flax: score_sde's auto-names, counted per class in call order.
+    renames = _FLAX_CLASS_NAMES.get(config.name, {})
+    counters: collections.Counter = collections.Counter()
+    pairs = []
+    for name, cls in calls:
+        source_cls = renames.get(cls, cls)
+        prefix = f"{source_cls}_{counters[source_cls]}"
+        counters[source_cls] += 1
+        if name in params:
+            pairs.append((name, cls, prefix))
+    if (
+        any(n.startswith("GaussianFourierProjection_0/W") for n in source_names)
+        and "GaussianFourierProjection_0" not in params
+    ):
+        raise MismatchError(
+            "the checkpoint stores NCSN++'s Fourier frequencies (GaussianFourierProjection_0/W):"
+            " set model.fourier_in_params=True (e.g. --config.model.fourier_in_params=True) "
+            "for import, sample and eval."
+        )
+    return pairs
+
+
+def _table(config, weights: SourceWeights, data_shape) -> list[Entry]:
+    from diffusion_sde.models import get_model
+
+    model = get_model(config)
+    params, calls = _children_in_call_order(model, data_shape, config.get("num_classes", 0) > 0)
+    dialect = weights.dialect
+    separator = "/" if dialect == "flax" else "."
+    source_names = set(weights.raw)
+    entries = []
+    for name, cls, prefix in _pair_modules(config, dialect, source_names, calls, params):
+        inner_names = INNER_NAMES[dialect].get(cls, {})
+        for path, shape in _leaves(params[name]):
+            *inner, leaf = path
+            inner_options = inner_names.get(inner[0], (inner[0],)) if inner else ("",)
+            source = candidate = None
+            for inner_source in inner_options:
+                inner_path = separator.join([inner_source, *inner[1:]]) if inner else ""
+                source_leaf, _ = _source_leaf(dialect, leaf, inner_source, 0, len(shape))
+                candidate = separator.join(p for p in (prefix, inner_path, source_leaf) if p)
+                if candidate in source_names:
+                    source = candidate
+                    _, transform = _source_leaf(
+                        dialect, leaf, inner_source, weights.raw[candidate].ndim, len(shape)
+                    )
+                    break
+            if source is None:
+                raise MismatchError(
+                    f"the checkpoint has no {candidate!r} (for our "
+                    f"{'/'.join((name, *path))}, shape {shape}): it holds another network "
+                    f"than the config's {config.name!r} (compare the model config)"
+                )
+            entries.append(Entry(source, (name, *path), transform, shape))
+    used = {e.source for e in entries}
+    ignored = {"sigmas"}
+    unused = sorted(n for n in source_names - used if n.split(separator)[-1] not in ignored)
+    if unused:
+        raise MismatchError(
+            f"the checkpoint has {len(unused)} arrays the config's {config.name!r} network does "
+            f"not have, e.g. {unused[:4]}: compare the model config with the checkpoint's"
+        )
+    return entries
+
+
+def name_table(
+    config: ml_collections.ConfigDict,
+    checkpoint: str | pathlib.Path | SourceWeights,
+    format: str | None = None,
+) -> list[Entry]:
+    """The table from the checkpoint's array names to our parameter paths, for the network
+    ``config.model`` builds (``config`` is the full config: ``config.data`` gives the
+    image shape). ``checkpoint`` is a path (with its ``format``) or the
+    :class:`SourceWeights` of :func:`read_checkpoint` (only names and shapes are read)."""
+    from diffusion_sde import data as data_lib
+
+    weights = checkpoint
+    if not isinstance(weights, SourceWeights):
+        if format is None:
+            raise CheckpointError(f"name the format of {checkpoint}: one of {sorted(FORMATS)}")
+        weights = read_checkpoint(checkpoint, format)
+    return _table(_model_config(config), weights, data_lib.data_shape(config.data))
+
+
+def _model_config(config):
+    model = ml_collections.ConfigDict(config.model.to_dict())
+    with model.unlocked():
+        model.image_size = config.data.image_size
+    return model
+
+
+def _convert(entries: list[Entry], arrays: dict[str, np.ndarray]) -> dict:
+    params: dict = {}
+    for entry in entries:
+        value = TRANSFORMS[entry.transform](np.asarray(arrays[entry.source], np.float32))
+        if value.shape != entry.shape:
+            raise MismatchError(
+                f"{entry.source}: the checkpoint's shape {arrays[entry.source].shape} "
+                f"({value.shape} as ours) but the config's network has {entry.shape} at "
+                f"{'/'.join(entry.target)}: compare model.nf, ch_mult and the image size"
+            )
+        node = params
+        for key in entry.target[:-1]:
+            node = node.setdefault(key, {})
+        node[entry.target[-1]] = jnp.asarray(value)
+    return params
+
+
+def load_variables(
+    config: ml_collections.ConfigDict,
+    path: str | pathlib.Path,
+    format: str,
+    *,
+    ema: bool = True,
+) -> dict:
+    """``{"params": ...}`` of the network ``config.model`` builds, from the checkpoint at
+    ``path`` (``format`` one of :data:`FORMATS`): its EMA weights when ``ema`` and the file
+    has them (what the papers sample and evaluate), else its raw weights.
+
+    >>> variables = load_variables(config, "checkpoint_8.pth", "score_sde_pytorch")
+    >>> score_fn = get_score_fn(sde, get_model(config.model), variables)
+    """
+    from diffusion_sde import data as data_lib
+
+    weights = read_checkpoint(path, format)
+    entries = _table(_model_config(config), weights, data_lib.data_shape(config.data))
+    arrays = weights.ema if ema and weights.ema is not None else weights.raw
+    return {"params": _convert(entries, arrays)}
+
+
+def import_checkpoint(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    path: str | pathlib.Path,
+    format: str,
+) -> pathlib.Path:
+    """Write ``workdir`` (new or without checkpoints) so that ``--mode=sample`` and
+    ``--mode=eval`` use the published checkpoint unchanged: an orbax checkpoint of a train
+    state whose ``params`` are the raw weights and ``ema_params`` the EMA ones (the raw ones
+    again when the file has none), at the source's step, plus ``config.json`` and
+    ``state_spec.json``. Returns the checkpoint directory."""
+    from diffusion_sde import data as data_lib
+    from diffusion_sde import losses, train
+
+    workdir = pathlib.Path(workdir).absolute()
+    if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+        raise CheckpointError(
+            f"{workdir}/checkpoints already has checkpoints; import into a new --workdir"
+        )
+    weights = read_checkpoint(path, format)
+    entries = _table(_model_config(config), weights, data_lib.data_shape(config.data))
+    params = _convert(entries, weights.raw)
+    ema_params = _convert(entries, weights.ema) if weights.ema is not None else params
+
+    from diffusion_sde.models import get_model
+
+    optimizer = train.get_optimizer(config.optim)
+    abstract = jax.eval_shape(
+        lambda key: train.create_train_state(
+            key,
+            model=get_model(config.model),
+            optimizer=optimizer,
+            data_shape=data_lib.data_shape(config.data),
+            conditional=config.model.get("num_classes", 0) > 0,
+        ),
+        jax.random.PRNGKey(config.seed),
+    )
+    # The same tree as a trained run's state (leaf order and dtypes), so restore fits.
+    params = jax.tree.map(lambda a, s: a.astype(s.dtype), params, abstract.params)
+    ema_params = jax.tree.map(lambda a, s: a.astype(s.dtype), ema_params, abstract.ema_params)
+    state = losses.TrainState(
+        step=jnp.asarray(weights.step, jnp.int32),
+        params=params,
+        ema_params=ema_params,
+        opt_state=optimizer.init(params),
+        key=jax.random.PRNGKey(config.seed),
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "samples").mkdir(exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    train.check_state_spec(workdir, jax.eval_shape(lambda: state), write=True)
+    import orbax.checkpoint as ocp
+
+    manager = train.checkpoint_manager(workdir, config)
+    manager.save(weights.step, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir / "checkpoints"

@@ -1,0 +1,326 @@
+"""Published-checkpoint readers: each format's fixture, written by the source project's own
+code (experiments/make_checkpoint_fixtures.py), loads into our network and reproduces the
+source's outputs; import mode writes a workdir that sample mode uses; bad files and
+mismatched configs get clear errors."""
+
+import collections
+import gzip
+import importlib
+import json
+import pathlib
+import pickle
+import shutil
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default_cifar10
+from diffusion_sde import checkpoints, evaluate
+from diffusion_sde.models import count_parameters, get_model
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "checkpoints"
+NAMES = sorted(p.stem for p in FIXTURES.glob("*.json"))
+
+
+def fixture_config(name: str):
+    """Our config for the fixture's network: the cifar10 defaults with the fixture's model
+    fields (the 2021 reference's names, which our configs share)."""
+    meta = json.loads((FIXTURES / f"{name}.json").read_text())
+    config = default_cifar10.get_default_configs()
+    config.data.image_size = meta["image_size"]
+    fields = dict(meta["model"])
+    config.data.centered = fields.pop("centered")
+    config.training.continuous = fields.pop("continuous")
+    config.training.sde = "vesde" if fields.get("scale_by_sigma") else "vpsde"
+    with config.model.unlocked():
+        for key, value in fields.items():
+            value = tuple(value) if isinstance(value, list) else value
+            if key not in config.model or config.model[key] != value:
+                config.model[key] = value
+        config.model.fourier_in_params = fields.get("embedding_type") == "fourier"
+        config.model.conv_impl = "xla"
+    return config, meta
+
+
+def relative_error(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+def test_every_format_has_a_fixture():
+    formats = {json.loads((FIXTURES / f"{n}.json").read_text())["format"] for n in NAMES}
+    assert formats == {"score_sde", "score_sde_pytorch", "torch_state_dict", "diffusers"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_matches_source_outputs(name):
+    config, meta = fixture_config(name)
+    reference = np.load(FIXTURES / f"{name}.npz")
+    model = get_model(config.model)
+    x, time_cond = jnp.asarray(reference["x"]), jnp.asarray(reference["time_cond"])
+    outputs = [("out_raw", False)] + [("out_ema", True)] * ("out_ema" in reference)
+    for key, ema in outputs:
+        variables = checkpoints.load_variables(
+            config, FIXTURES / meta["file"], meta["format"], ema=ema
+        )
+        assert count_parameters(variables) < 400_000
+        leaves = [np.asarray(a) for a in jax.tree.leaves(variables)]
+        assert all(np.all(a != 0) for a in leaves), "every tensor random, no zero left"
+        out = model.apply(variables, x, time_cond)
+        assert relative_error(out, reference[key]) < 1e-5, key
+    if "out_ema" in reference:  # the two weight sets differ, so the test tells them apart
+        assert relative_error(reference["out_raw"], reference["out_ema"]) > 1e-2
+
+
+def test_name_table_is_explicit():
+    config, meta = fixture_config("ncsnpp_ve")
+    table = checkpoints.name_table(config, FIXTURES / meta["file"], meta["format"])
+    rows = {entry.source: entry for entry in table}
+    assert rows["all_modules.0.W"].target == ("GaussianFourierProjection_0", "W")
+    conv = rows["all_modules.3.weight"]
+    assert conv.target == ("Conv_0", "kernel") and conv.transform == "oihw_to_hwio"
+    attention = [e for e in table if e.source.endswith("NIN_0.W")]
+    assert attention and all(e.transform == "nin_to_1x1" for e in attention)
+    assert all(e.target[0].startswith("AttnBlock") for e in attention)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_wrong_format_is_refused():
+    config, meta = fixture_config("ddpm")
+    with pytest.raises(checkpoints.FormatError, match="not a diffusers UNet2DModel|safetensors"):
+        checkpoints.load_variables(config, FIXTURES / "ddpm.pth", "diffusers")
+    with pytest.raises(checkpoints.FormatError, match="not a torch.save zip"):
+        checkpoints.load_variables(config, FIXTURES / "flax_ddpm.msgpack", "score_sde_pytorch")
+    with pytest.raises(checkpoints.FormatError, match="not a Flax msgpack|not a score_sde"):
+        checkpoints.load_variables(config, FIXTURES / "ddpm.pth", "score_sde")
+    with pytest.raises(checkpoints.CheckpointError, match="valid: "):
+        checkpoints.load_variables(config, FIXTURES / "ddpm.pth", "tensorflow")
+
+
+@pytest.mark.parametrize(
+    ("name", "file", "format"),
+    [
+        ("ddpm", "ddpm.pth", "score_sde_pytorch"),
+        ("flax_ddpm", "flax_ddpm.msgpack", "score_sde"),
+        ("diffusers_ddpm", "diffusers_ddpm/diffusion_pytorch_model.safetensors", "diffusers"),
+    ],
+)
+def test_truncated_file_is_refused(tmp_path, name, file, format):
+    config, _ = fixture_config(name)
+    data = (FIXTURES / file).read_bytes()
+    truncated = tmp_path / pathlib.Path(file).name
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoints.FormatError, match="truncated|not a"):
+        checkpoints.load_variables(config, truncated, format)
+
+
+def test_mismatched_config_names_parameter_and_shapes():
+    config, meta = fixture_config("ddpmpp_vp")
+    config.model.nf = 16
+    with pytest.raises(checkpoints.MismatchError, match=r"all_modules\.\d+\..*\(.*\).*\(.*\)"):
+        checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    config, meta = fixture_config("ddpmpp_vp")
+    config.model.num_res_blocks = 1
+    with pytest.raises(checkpoints.MismatchError, match="modules with parameters"):
+        checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+
+
+def test_fourier_frequencies_need_fourier_in_params():
+    for name in ("ncsnpp_ve", "flax_ncsnpp_ve"):
+        config, meta = fixture_config(name)
+        config.model.fourier_in_params = False
+        with pytest.raises(checkpoints.MismatchError, match="fourier_in_params=True"):
+            checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+
+
+def test_decoder_attention_mismatch_is_refused():
+    config, meta = fixture_config("ddpm")
+    config.model.decoder_attention = "every_block"
+    with pytest.raises(checkpoints.MismatchError, match="decoder_attention"):
+        checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+
+
+def _torch_zip(path: pathlib.Path, obj) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(obj, protocol=2))
+        archive.writestr("archive/byteorder", "little")
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    _torch_zip(path, collections.Counter(a=1))  # any global outside the allow-list
+    with pytest.raises(checkpoints.FormatError, match="collections.Counter"):
+        checkpoints.read_torch(path)
+
+
+def test_edm_and_other_networks_are_refused_saying_what_differs(tmp_path):
+    config, _ = fixture_config("ncsnpp_ve")
+    pickle_file = tmp_path / "edm-cifar10-32x32-uncond-vp.pkl"
+    pickle_file.write_bytes(b"\x80\x04not a zip")
+    with pytest.raises(checkpoints.FormatError, match="preconditioning"):
+        checkpoints.load_variables(config, pickle_file, "edm")
+    with pytest.raises(checkpoints.FormatError, match="not a Flax msgpack"):
+        checkpoints.load_variables(config, pickle_file, "consistency_models")
+    # jcm's State (consistency_models_cifar10), as its checkpoints.save_checkpoint writes it
+    from flax import serialization
+
+    jcm = tmp_path / "checkpoint_80"
+    one = {"Conv_0": {"kernel": np.ones((3, 3, 3, 8), np.float32)}}
+    jcm.write_bytes(
+        serialization.msgpack_serialize(
+            dict(
+                step=80,
+                lr=4e-4,
+                ema_rate=0.9999,
+                params=one,
+                params_ema=one,
+                model_state={},
+                opt_state={},
+                rng_state=np.zeros(2, np.uint32),
+            )
+        )
+    )
+    for format in ("consistency_models", "score_sde"):
+        with pytest.raises(checkpoints.FormatError, match="EDM's denoiser.*c_skip"):
+            checkpoints.load_variables(config, jcm, format)
+    # a diffusers NCSN++ (Fourier time projection, skip blocks)
+    header = json.dumps({"time_proj.W": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    header = header.encode()
+    ncsnpp = tmp_path / "diffusion_pytorch_model.safetensors"
+    ncsnpp.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(checkpoints.FormatError, match="NCSN\\+\\+"):
+        checkpoints.load_variables(config, ncsnpp, "diffusers")
+
+
+# ------------------------------------------------------------------------ import mode
+
+
+def test_import_mode_writes_a_workdir_that_sample_mode_uses(tmp_path):
+    from absl import flags
+
+    from diffusion_sde import main
+
+    name = "ddpmpp_vp"
+    config, meta = fixture_config(name)
+    config.model.num_scales = 8  # a short sampling chain
+    config.sampling.predictor = "euler_maruyama"
+    config.sampling.corrector = "none"
+    config.eval.batch_size = config.eval.num_samples = 2
+    workdir = tmp_path / "imported"
+
+    # The command line, with the fixture's small network in place of the config file's.
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(
+        [
+            "main",
+            "--config=configs/cifar10_ddpmpp_continuous_vp.py",
+            f"--workdir={workdir}",
+            "--mode=import",
+            f"--checkpoint={FIXTURES / meta['file']}",
+            f"--format={meta['format']}",
+        ]
+    )
+    flags.FLAGS["config"].value = config
+    main.main([])
+    assert (workdir / "config.json").exists() and (workdir / "state_spec.json").exists()
+
+    _, _, state = evaluate.load_trained(config, workdir)
+    assert int(state.step) == 17
+    expected = checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    for a, b in zip(
+        jax.tree.leaves(state.ema_params),
+        jax.tree.leaves(expected["params"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    reference = np.load(FIXTURES / f"{name}.npz")
+    out = get_model(config.model).apply(
+        {"params": state.params}, jnp.asarray(reference["x"]), jnp.asarray(reference["time_cond"])
+    )
+    assert relative_error(out, reference["out_raw"]) < 1e-5
+
+    samples = evaluate.sample(config, workdir)
+    shard = np.load(next(samples.glob("*.npz")))
+    images = next(iter(shard.values()))
+    assert images.shape[0] == 2 and np.all(np.isfinite(images))
+
+    with pytest.raises(checkpoints.CheckpointError, match="new --workdir"):
+        checkpoints.import_checkpoint(config, workdir, FIXTURES / meta["file"], meta["format"])
+    shutil.rmtree(workdir)
+    flags.FLAGS.unparse_flags()
+
+
+def test_import_mode_without_checkpoint_flag_says_what_to_pass(tmp_path, capsys):
+    from absl import flags
+
+    from diffusion_sde import main
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["main", "--config=configs/cifar10_ddpmpp_continuous_vp.py", "--workdir=x"])
+    flags.FLAGS.mode = "import"
+    flags.FLAGS.workdir = str(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main.main([])
+    assert exit_info.value.code == 2
+    assert "--checkpoint=PATH and --format=NAME" in capsys.readouterr().err
+    flags.FLAGS.unparse_flags()
+
+
+# ------------------------------------------------- the published networks' full layouts
+
+
+def _published():
+    with gzip.open(FIXTURES / "published_shapes.json.gz", "rt") as file:
+        return json.load(file)
+
+
+@pytest.mark.parametrize("source", sorted(_published()))
+def test_name_table_fits_the_published_full_size_layout(source):
+    """The name table maps every array of the full-size published network (names and
+    shapes recorded from the source's own code) onto our config's network, shape for
+    shape, and the parameter counts agree."""
+    published = _published()[source]
+    config = importlib.import_module(f"configs.{published['config']}").get_config()
+    diffusers = source.startswith("google/")
+    ncsnpp_fourier = config.model.name == "ncsnpp" and config.model.embedding_type == "fourier"
+    config.model.fourier_in_params = ncsnpp_fourier
+    if config.model.name == "ddpm" and not diffusers:
+        config.model.decoder_attention = "once_per_level"
+    arrays = {
+        name: np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, [0] * len(shape))
+        for name, shape in published["state_dict"].items()
+    }
+    if not diffusers:
+        arrays = {k.removeprefix("module."): v for k, v in arrays.items()}
+    weights = checkpoints.SourceWeights(arrays, None, 0, "diffusers" if diffusers else "torch")
+    table = checkpoints.name_table(config, weights)
+    for entry in table:
+        converted = checkpoints.TRANSFORMS[entry.transform](arrays[entry.source])
+        assert converted.shape == entry.shape, entry
+    ours = sum(int(np.prod(entry.shape)) for entry in table)
+    # Ours counts NCSN++'s Fourier frequencies W (nf of them), a buffer-like parameter
+    # without gradient there.
+    fourier = config.model.nf if config.model.fourier_in_params else 0
+    assert ours == published["trainable"] + fourier
+    assert ours == count_parameters(
+        jax.eval_shape(
+            lambda: get_model(config.model).init(
+                jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.ones((1,))
+            )
+        )
+    )
+
+
+def test_diffusers_settings_we_do_not_compute_are_refused(tmp_path):
+    config, meta = fixture_config("diffusers_ddpm")
+    directory = tmp_path / "unet"
+    shutil.copytree(FIXTURES / meta["file"], directory)
+    unet = json.loads((directory / "config.json").read_text())
+    unet["attention_head_dim"] = 8
+    (directory / "config.json").write_text(json.dumps(unet))
+    with pytest.raises(checkpoints.MismatchError, match="attention_head_dim = 8"):
+        checkpoints.load_variables(config, directory, "diffusers")
