@@ -88,7 +88,7 @@ def is_disk_full(error: BaseException) -> bool:
 def _name_fields(config) -> list[tuple[str, Any, Iterable[str]]]:
     """``(field, value, valid names)`` of every config field that names an implementation,
     from the dictionaries the library chooses from."""
-    from diffusion_sde import data, models, ode_solvers, sampling, sde
+    from diffusion_sde import data, models, ode_solvers, sampling, sde, sde_solvers
 
     fields = [
         ("training.sde", str(config.training.sde).lower(), sde.SDES),
@@ -100,15 +100,20 @@ def _name_fields(config) -> list[tuple[str, Any, Iterable[str]]]:
         names = [*data.BUILTIN_DATASETS, *(n for n in data.TFDS_DATASETS if n != "lsun")]
         fields.append(("data.dataset", dataset, names))
     method = str(config.sampling.get("method", "pc")).lower()
-    fields.append(("sampling.method", method, ("pc", "ode")))
+    fields.append(("sampling.method", method, ("pc", "ode", "sde")))
     if method == "pc":
         fields += [
             ("sampling.predictor", str(config.sampling.predictor).lower(), sampling.PREDICTORS),
             ("sampling.corrector", str(config.sampling.corrector).lower(), sampling.CORRECTORS),
         ]
-    elif method == "ode":
-        ode_method = str(config.sampling.get("ode_method", "adaptive")).lower()
-        fields.append(("sampling.ode_method", ode_method, ode_solvers.METHODS))
+    solvers = {
+        "ode": ("ode_method", ode_solvers.METHODS),
+        "sde": ("sde_method", sde_solvers.METHODS),
+    }
+    if method in solvers:
+        name, valid = solvers[method]
+        if config.sampling.get(name) is not None:  # else get_sampler's default
+            fields.append((f"sampling.{name}", str(config.sampling[name]).lower(), valid))
         if config.sampling.get("time_grid") is not None:
             grid = config.sampling.time_grid
             fields.append(("sampling.time_grid", grid, ode_solvers.TIME_GRIDS))

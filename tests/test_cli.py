@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from configs import digits_vp, toy_2d_vp
-from diffusion_sde import errors, workdir
+from diffusion_sde import errors, sampling, workdir
+from diffusion_sde.sde import get_sde
 
 ROOT = pathlib.Path(__file__).parents[1]
 TOY = "--config=configs/toy_2d_vp.py"
@@ -286,6 +287,23 @@ def test_unknown_ode_method_and_time_grid():
     config.sampling.time_grid = "karas"
     with pytest.raises(errors.ConfigError, match="did you mean 'karras'"):
         errors.check_config(config)
+
+
+def test_the_sampling_methods_checked_are_those_get_sampler_takes():
+    """errors.check_config lists the methods itself (to suggest the nearest); they must be
+    exactly those sampling.get_sampler accepts."""
+    config = digits_vp.get_config()
+    config.sampling.method = "bogus"
+    with pytest.raises(errors.ConfigError, match="sampling.method='bogus'") as checked:
+        errors.check_config(config)
+    listed = re.search(r"valid: (.*)\.$", str(checked.value))[1].split(", ")
+    sde = get_sde(config)
+    with pytest.raises(ValueError, match="Unknown sampling.method") as built:
+        sampling.get_sampler(config.sampling, sde, (1, 8, 8, 1))
+    assert sorted(re.findall(r"'(\w+)'", str(built.value).split("valid:")[1])) == listed
+    for method in listed:
+        config.sampling.method = method
+        sampling.get_sampler(config.sampling, sde, (1, 8, 8, 1))
 
 
 def test_the_shipped_configs_pass_the_check():
