@@ -17,12 +17,15 @@ network that ``config.model`` builds, parameter for parameter:
                       network (``all_modules.*`` names)
 ``diffusers``         diffusers' ``UNet2DModel`` safetensors           a safetensors parser
                       (``google/ddpm-cifar10-32``)                     (no torch)
+``edm``               EDM's ``VPPrecond`` DDPM++ ``SongUNet``          the restricted
+                      (``baseline-cifar10-32x32-uncond-vp``) exported  unpickler
+                      as ``{precond, state_dict}``
 ===================== =============================================== ======================
 
-Files of EDM (Karras et al. 2022: pickles of a ``SongUNet`` under an EDM preconditioner,
-and state dicts exported from them), of openai's consistency models and of diffusers'
+EDM's pickles themselves (unpickling runs EDM's code), EDM's other preconditioners
+(``edm-cifar10-32x32-*``, the VE baseline), openai's consistency models and diffusers'
 NCSN++ port are recognised and refused with an error that says what differs (see
-:data:`REFUSED`). Torch is never imported: ``torch.save`` files are zip archives of a
+:data:`REFUSED` and :data:`EDM_EXPORT_COMMAND`). Torch is never imported: ``torch.save`` files are zip archives of a
 pickle and raw storages, read here with an unpickler that only builds tensors and
 ordered dicts (anything else in the pickle is an error, so a file cannot run code).
 
@@ -307,20 +310,17 @@ class SourceWeights:
 # Recognised and refused: what differs from the networks here.
 REFUSED = {
     "edm_pickle": (
-        "an EDM network pickle: unpickling it runs EDM's code, so it is not read. EDM's "
-        "VP/VE baselines (baseline-cifar10-32x32-uncond-vp/ve) are score_sde's DDPM++/NCSN++ "
-        "re-trained in EDM's SongUNet, whose layers are named and laid out differently "
-        "(UNetBlock with fused qkv attention and learnt resampling filters), and "
-        "edm-cifar10-32x32-* are trained under EDM's preconditioning (c_skip, c_out, c_in, "
-        "c_noise = log(sigma)/4), which no score function here applies. Neither is mapped. "
-        "Load score_sde's own checkpoints of the same networks (format 'score_sde' or "
-        "'score_sde_pytorch') instead."
+        "an EDM network pickle: unpickling it runs EDM's code, so it is not read here. EDM's "
+        "baseline-cifar10-32x32-uncond-vp is score_sde's DDPM++ cont. in EDM's SongUNet under "
+        "VPPrecond, whose preconditioning is this codebase's VP adapter: export it (command "
+        "below) and load it with format 'edm'. edm-cifar10-32x32-* are trained under EDM's "
+        "preconditioning (c_skip, c_out, c_in, c_noise = log(sigma)/4) and the VE baseline "
+        "feeds c_noise = log(sigma/2); no score function here applies those, so they are "
+        "refused."
     ),
     "edm_state_dict": (
-        "a state dict of EDM's SongUNet (names map_noise/enc/dec): its UNetBlocks (fused qkv "
-        "attention, learnt resampling filters, EDM's preconditioning for edm-* models) are not "
-        "mapped onto this codebase's NCSN++/DDPM++; load score_sde's checkpoint of the same "
-        "network instead."
+        "a state dict of EDM's SongUNet (names map_noise/enc/dec): load it with format 'edm', "
+        "exported with its preconditioner's name"
     ),
     "diffusers_ncsnpp": (
         "diffusers' port of NCSN++ (UNet2DModel with skip blocks and Fourier time embedding, "
@@ -453,12 +453,58 @@ def _diffusers(path: pathlib.Path) -> SourceWeights:
     return SourceWeights(tensors, None, 0, "diffusers")
 
 
+# What EDM's preconditioners wrap their network in; only VPPrecond is score_sde's VP model.
+_EDM_PRECONDITIONING = {
+    "VPPrecond": None,
+    "VEPrecond": (
+        "VEPrecond feeds its NCSN++ c_noise = log(sigma / 2) (score_sde's embeds log sigma) "
+        "and its residual encoder resamples with a fused convolution-then-filter"
+    ),
+    "EDMPrecond": (
+        "EDMPrecond: D = c_skip x + c_out F(c_in x, log(sigma) / 4) with sigma_data = 0.5, "
+        "which no score function here applies"
+    ),
+    "iDDPMPrecond": "iDDPMPrecond (ADM network and its discrete noise levels)",
+}
+EDM_EXPORT_COMMAND = (
+    "python -c \"import pickle, torch; net = pickle.load(open('NETWORK.pkl', 'rb'))['ema']; "
+    "torch.save({'precond': type(net).__name__, 'state_dict': net.state_dict()}, 'NETWORK.pt')\" "
+    "(in EDM's repository, whose code the pickle needs)"
+)
+
+
 def _edm(path: pathlib.Path) -> SourceWeights:
-    if zipfile.is_zipfile(path):
-        state = read_torch(path)
-        if isinstance(state, Mapping) and _is_edm_state_dict(state):
-            raise FormatError(f"{path} is {REFUSED['edm_state_dict']}")
-    raise FormatError(f"{path} is {REFUSED['edm_pickle']}")
+    """An EDM network exported as ``{'precond': class name, 'state_dict': ...}`` (see
+    :data:`EDM_EXPORT_COMMAND`); only a ``VPPrecond`` around a DDPM++ ``SongUNet`` (EDM's
+    ``baseline-cifar10-32x32-uncond-vp``, score_sde's DDPM++ cont. re-packaged) is read: its
+    preconditioning is exactly the VP adapter here (c_in x is x_t, c_noise = 999 t, the
+    network predicts the noise)."""
+    if not zipfile.is_zipfile(path):
+        raise FormatError(
+            f"{path} is {REFUSED['edm_pickle']} To load an EDM VP baseline, export it first: "
+            f"{EDM_EXPORT_COMMAND}"
+        )
+    obj = read_torch(path)
+    if not (isinstance(obj, Mapping) and "precond" in obj and "state_dict" in obj):
+        raise FormatError(
+            f"{path}: an EDM export must say its preconditioner, which a bare state dict does "
+            f"not (edm-* and baseline-* networks have the same names); export with "
+            f"{EDM_EXPORT_COMMAND}"
+        )
+    precond = obj["precond"]
+    if precond not in _EDM_PRECONDITIONING:
+        raise FormatError(f"{path}: unknown EDM preconditioner {precond!r}")
+    if _EDM_PRECONDITIONING[precond] is not None:
+        raise FormatError(f"{path} is refused: {_EDM_PRECONDITIONING[precond]}.")
+    state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()}
+    if "map_noise.freqs" in state:
+        raise FormatError(f"{path}: a VPPrecond around an NCSN++ SongUNet is not mapped")
+    if "map_label.weight" in state or "map_augment.weight" in state:
+        raise FormatError(
+            f"{path}: a class-conditional or augmentation-conditioned SongUNet (map_label, "
+            "map_augment) is not mapped"
+        )
+    return SourceWeights(state, None, 0, "edm")
 
 
 def _is_consistency_models_state(state) -> bool:
@@ -535,6 +581,26 @@ INNER_NAMES: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
         "Downsample": {"Conv_0": ("conv",)},
     },
 }
+# EDM's SongUNet UNetBlock: a residual block and, in the same module, its attention (one
+# fused qkv 1x1 convolution whose output channels interleave q, k, v: channel 3c + j).
+INNER_NAMES["edm"] = {
+    "ResnetBlockBigGANpp": {
+        "GroupNorm_0": ("norm0",),
+        "Conv_0": ("conv0",),
+        "Dense_0": ("affine",),
+        "GroupNorm_1": ("norm1",),
+        "Conv_1": ("conv1",),
+        "Conv_2": ("skip",),
+    },
+    "AttnBlock": {
+        "GroupNorm_0": ("norm2",),
+        "Conv_0": ("qkv",),
+        "Conv_1": ("qkv",),
+        "Conv_2": ("qkv",),
+        "Conv_3": ("proj",),
+    },
+}
+_EDM_QKV = {"Conv_0": 0, "Conv_1": 1, "Conv_2": 2}  # q, k, v
 # score_sde's Flax class names of our modules (auto-names <Class>_<k> count per class).
 _FLAX_CLASS_NAMES = {
     "ncsnpp": {"AttnBlock": "AttnBlockpp"},
@@ -548,6 +614,9 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "nin_to_1x1": lambda a: a[None, None],  # score_sde NIN (in, out) -> 1x1 convolution
     "linear_to_1x1": lambda a: a.T[None, None],  # PyTorch linear -> 1x1 convolution
 }
+for _j, _part in enumerate("qkv"):  # EDM's fused qkv: output channels 3c + j
+    TRANSFORMS[f"{_part}_of_qkv"] = lambda a, j=_j: a[j::3]
+    TRANSFORMS[f"{_part}_of_qkv_oihw_to_hwio"] = lambda a, j=_j: a[j::3].transpose(2, 3, 1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -626,6 +695,51 @@ def _diffusers_prefixes(config: ml_collections.ConfigDict) -> list[str]:
     return [*names, "conv_norm_out", "conv_out"]
 
 
+_EDM_DDPMPP = {
+    "name": "ncsnpp",
+    "resblock_type": "biggan",
+    "progressive": "none",
+    "progressive_input": "none",
+    "embedding_type": "positional",
+    "fir": False,
+    "skip_rescale": True,
+    "conditional": True,
+    "scale_by_sigma": False,
+}
+
+
+def _edm_prefixes(config: ml_collections.ConfigDict) -> list[str]:
+    """EDM's SongUNet (DDPM++) module names, in our NCSN++ call order."""
+    for key, value in _EDM_DDPMPP.items():
+        if config.get(key) != value:
+            raise MismatchError(
+                f"EDM's DDPM++ SongUNet is our NCSN++ with model.{key}={value!r} (the config "
+                f"has {config.get(key)!r}); use configs/cifar10_ddpmpp_continuous_vp.py"
+            )
+    levels, blocks = len(config.ch_mult), config.num_res_blocks
+    attn = tuple(config.attn_resolutions)
+    res = [config.image_size >> level for level in range(levels)]
+    names = ["map_layer0", "map_layer1", f"enc.{res[0]}x{res[0]}_conv"]
+    for level in range(levels):
+        r = res[level]
+        for i in range(blocks):
+            names.append(f"enc.{r}x{r}_block{i}")
+            if r in attn:
+                names.append(f"enc.{r}x{r}_block{i}")  # its attention
+        if level != levels - 1:
+            names.append(f"enc.{res[level + 1]}x{res[level + 1]}_down")
+    r = res[-1]
+    names += [f"dec.{r}x{r}_in0", f"dec.{r}x{r}_in0", f"dec.{r}x{r}_in1"]
+    for level in reversed(range(levels)):
+        r = res[level]
+        names += [f"dec.{r}x{r}_block{i}" for i in range(blocks + 1)]
+        if r in attn:
+            names.append(f"dec.{r}x{r}_block{blocks}")  # attention in the last block only
+        if level != 0:
+            names.append(f"dec.{res[level - 1]}x{res[level - 1]}_up")
+    return [*names, f"dec.{res[0]}x{res[0]}_aux_norm", f"dec.{res[0]}x{res[0]}_aux_conv"]
+
+
 def _source_leaf(dialect: str, our_leaf: str, inner_source: str, ndim: int, our_ndim: int):
     """The source's array name inside a module, and the transform to ours."""
     nin = inner_source.split(".")[-1].startswith("NIN")
@@ -650,6 +764,14 @@ def _source_leaf(dialect: str, our_leaf: str, inner_source: str, ndim: int, our_
 def _pair_modules(config, dialect: str, source_names, calls, params) -> list[tuple[str, str, str]]:
     """``(our module, its class, the source's module prefix)`` for our modules with params."""
     with_params = [(name, cls) for name, cls in calls if name in params]
+    if dialect == "edm":
+        prefixes = _edm_prefixes(config)
+        if len(prefixes) != len(with_params):
+            raise MismatchError(
+                f"the config's network has {len(with_params)} modules with parameters, EDM's "
+                f"SongUNet layout for it {len(prefixes)}"
+            )
+        return [(n, c, p) for (n, c), p in zip(with_params, prefixes, strict=True)]
     if dialect == "diffusers":
         if config.name != "ddpm":
             raise MismatchError(
@@ -715,7 +837,7 @@ def _table(config, weights: SourceWeights, data_shape) -> list[Entry]:
     model = get_model(config)
     params, calls = _children_in_call_order(model, data_shape, config.get("num_classes", 0) > 0)
     dialect = weights.dialect
-    separator = "/" if dialect == "flax" else "."
+    separator = "/" if dialect == "flax" else "."  # torch, diffusers, edm: PyTorch names
     source_names = set(weights.raw)
     entries = []
     for name, cls, prefix in _pair_modules(config, dialect, source_names, calls, params):
@@ -733,6 +855,11 @@ def _table(config, weights: SourceWeights, data_shape) -> list[Entry]:
                     _, transform = _source_leaf(
                         dialect, leaf, inner_source, weights.raw[candidate].ndim, len(shape)
                     )
+                    if dialect == "edm" and cls == "AttnBlock" and inner[0] in _EDM_QKV:
+                        part = "qkv"[_EDM_QKV[inner[0]]]
+                        transform = f"{part}_of_qkv" + (
+                            "" if transform == "copy" else "_oihw_to_hwio"
+                        )
                     break
             if source is None:
                 raise MismatchError(
@@ -742,7 +869,7 @@ def _table(config, weights: SourceWeights, data_shape) -> list[Entry]:
                 )
             entries.append(Entry(source, (name, *path), transform, shape))
     used = {e.source for e in entries}
-    ignored = {"sigmas"}
+    ignored = {"sigmas", "resample_filter"}  # buffers: score_sde's sigmas, EDM's FIR taps
     unused = sorted(n for n in source_names - used if n.split(separator)[-1] not in ignored)
     if unused:
         raise MismatchError(
