@@ -322,6 +322,13 @@ REFUSED = {
         "a state dict of EDM's SongUNet (names map_noise/enc/dec): load it with format 'edm', "
         "exported with its preconditioner's name"
     ),
+    "ncsnv2": (
+        "an NCSNv2 (RefineNet) checkpoint: score_sde's JAX port, whose checkpoints these are, "
+        "gives its third RefineBlock 2 nf channels (33,970,563 parameters on CIFAR-10), while "
+        "this codebase's NCSNv2 follows the authors' PyTorch code (ermongroup/ncsnv2: nf "
+        "channels, 29,694,083 parameters), so the weights do not fit; NCSNv2 checkpoints are "
+        "not mapped"
+    ),
     "diffusers_ncsnpp": (
         "diffusers' port of NCSN++ (UNet2DModel with skip blocks and Fourier time embedding, "
         "e.g. google/ncsnpp-*): its progressive skip blocks are laid out differently from "
@@ -401,6 +408,8 @@ def _score_sde_flax(path: pathlib.Path) -> SourceWeights:
             f"params_ema, model_state, step); it holds {keys}"
         )
     raw = _flatten(state["optimizer"]["target"], "/")
+    if any(name.startswith("RefineBlock_") for name in raw):
+        raise FormatError(f"{path} is {REFUSED['ncsnv2']}")
     ema = _flatten(state["params_ema"], "/") if state.get("params_ema") else None
     if _flatten(state.get("model_state") or {}, "/"):
         raise FormatError(f"{path}: the model has batch statistics, which no network here has")
@@ -834,6 +843,12 @@ def _pair_modules(config, dialect: str, source_names, calls, params) -> list[tup
 def _table(config, weights: SourceWeights, data_shape) -> list[Entry]:
     from diffusion_sde.models import get_model
 
+    if config.name not in ("ncsnpp", "ddpm"):
+        reason = REFUSED["ncsnv2"] if config.name == "ncsnv2" else "not a published network"
+        raise MismatchError(
+            f"checkpoints load into model.name 'ncsnpp' (NCSN++, DDPM++) or 'ddpm'; "
+            f"{config.name!r} is {reason}"
+        )
     model = get_model(config)
     params, calls = _children_in_call_order(model, data_shape, config.get("num_classes", 0) > 0)
     dialect = weights.dialect

@@ -372,3 +372,27 @@ def test_edm_exports_other_than_vp_are_refused(tmp_path):
     config.model.resblock_type = "ddpm"
     with pytest.raises(checkpoints.MismatchError, match="resblock_type='biggan'"):
         checkpoints.load_variables(config, FIXTURES / "edm_ddpmpp_vp.pt", "edm")
+
+
+def test_ncsnv2_checkpoints_are_refused_saying_what_differs(tmp_path):
+    from flax import serialization
+
+    config, meta = fixture_config("ddpm")
+    config.model.name = "ncsnv2"
+    with pytest.raises(checkpoints.MismatchError, match="2 nf channels"):
+        checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    # score_sde's Flax NCSNv2 state (its auto-named RefineBlocks)
+    one = {"RefineBlock_0": {"Conv_0": {"kernel": np.ones((3, 3, 8, 8), np.float32)}}}
+    state = dict(
+        step=1,
+        optimizer=dict(target=one, state={}),
+        lr=2e-4,
+        model_state={},
+        ema_rate=0.999,
+        params_ema=one,
+        rng=np.zeros(2, np.uint32),
+    )
+    path = tmp_path / "checkpoint_1"
+    path.write_bytes(serialization.msgpack_serialize(state))
+    with pytest.raises(checkpoints.FormatError, match="29,694,083"):
+        checkpoints.load_variables(config, path, "score_sde")
