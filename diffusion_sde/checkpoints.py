@@ -124,6 +124,15 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
     itemsize = storage.dtype.itemsize
     if not size:
         return np.array(storage[storage_offset])
+    if any(n == 0 for n in size):
+        return np.zeros(tuple(size), storage.dtype)
+    # as_strided does not check bounds: a tensor must lie inside its storage.
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if storage_offset < 0 or min(stride) < 0 or last >= storage.size:
+        raise FormatError(
+            f"a tensor of shape {tuple(size)} reaches past its storage of {storage.size} "
+            "elements (a truncated or corrupt torch file)"
+        )
     return np.lib.stride_tricks.as_strided(
         storage[storage_offset:], shape=tuple(size), strides=[s * itemsize for s in stride]
     ).copy()
@@ -164,9 +173,11 @@ class _TorchUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid):
-        kind, storage_type, key, _location, numel = pid
-        if kind != "storage":
-            raise FormatError(f"{self._source}: unknown persistent id {kind!r} in the pickle")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise FormatError(f"{self._source}: unknown persistent id {pid!r} in the pickle")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise FormatError(f"{self._source}: a storage of unknown type {storage_type!r}")
         if key not in self._storages:
             try:
                 raw = self._archive.read(f"{self._prefix}data/{key}")
@@ -212,7 +223,16 @@ def read_torch(path: str | pathlib.Path) -> Any:
             return _TorchUnpickler(
                 io.BytesIO(archive.read(pickles[0])), archive, prefix, str(path)
             ).load()
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            zipfile.BadZipFile,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+        ) as error:
             if isinstance(error, CheckpointError):
                 raise
             raise FormatError(f"{path}: unreadable torch pickle ({error}); truncated?") from error
@@ -299,7 +319,7 @@ def _flatten(tree: Mapping, separator: str, prefix: str = "") -> dict[str, np.nd
 class SourceWeights:
     """A checkpoint's arrays by their source names: ``raw`` (the trained weights), ``ema``
     (their exponential moving average, or None), ``step`` and ``dialect`` (which naming:
-    ``'torch'``, ``'flax'`` or ``'diffusers'``)."""
+    ``'torch'``, ``'flax'``, ``'diffusers'`` or ``'edm'``)."""
 
     raw: dict[str, np.ndarray]
     ema: dict[str, np.ndarray] | None
@@ -407,7 +427,10 @@ def _score_sde_flax(path: pathlib.Path) -> SourceWeights:
             f"{path} is not a score_sde checkpoint (a state with optimizer.target, "
             f"params_ema, model_state, step); it holds {keys}"
         )
-    raw = _flatten(state["optimizer"]["target"], "/")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, Mapping) or not isinstance(optimizer.get("target"), Mapping):
+        raise FormatError(f"{path}: its optimizer holds no target parameters")
+    raw = _flatten(optimizer["target"], "/")
     if any(name.startswith("RefineBlock_") for name in raw):
         raise FormatError(f"{path} is {REFUSED['ncsnv2']}")
     ema = _flatten(state["params_ema"], "/") if state.get("params_ema") else None

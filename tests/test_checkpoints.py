@@ -391,3 +391,45 @@ def test_ncsnv2_checkpoints_are_refused_saying_what_differs(tmp_path):
     path.write_bytes(serialization.msgpack_serialize(state))
     with pytest.raises(checkpoints.FormatError, match="29,694,083"):
         checkpoints.load_variables(config, path, "score_sde")
+
+
+def test_tensor_reaching_past_its_storage_is_refused(tmp_path, monkeypatch):
+    """A crafted torch file whose tensor claims more elements than its storage holds
+    (as_strided would read past the buffer)."""
+    import sys
+    import types
+
+    torch_module, utils_module = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    class FloatStorage:
+        pass
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("only pickled here, never called")
+
+    FloatStorage.__module__, _rebuild_tensor_v2.__module__ = "torch", "torch._utils"
+    FloatStorage.__qualname__ = "FloatStorage"
+    _rebuild_tensor_v2.__qualname__ = "_rebuild_tensor_v2"
+    torch_module.FloatStorage, utils_module._rebuild_tensor_v2 = FloatStorage, _rebuild_tensor_v2
+    monkeypatch.setitem(sys.modules, "torch", torch_module)
+    monkeypatch.setitem(sys.modules, "torch._utils", utils_module)
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce__(self):  # 100 elements claimed, 4 stored
+            return _rebuild_tensor_v2, (Storage(), 0, (10, 10), (10, 1), False, {})
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", FloatStorage, "0", "cpu", 4) if isinstance(obj, Storage) else None
+
+    buffer = __import__("io").BytesIO()
+    Pickler(buffer, protocol=2).dump({"weight": Tensor()})
+    path = tmp_path / "short.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/data/0", np.zeros(4, np.float32).tobytes())
+    with pytest.raises(checkpoints.FormatError, match="reaches past its storage"):
+        checkpoints.read_torch(path)
