@@ -23,19 +23,21 @@ network that ``config.model`` builds, parameter for parameter:
 ===================== =============================================== ======================
 
 EDM's pickles themselves (unpickling runs EDM's code), EDM's other preconditioners
-(``edm-cifar10-32x32-*``, the VE baseline), openai's consistency models and diffusers'
-NCSN++ port are recognised and refused with an error that says what differs (see
-:data:`REFUSED` and :data:`EDM_EXPORT_COMMAND`). Torch is never imported: ``torch.save`` files are zip archives of a
-pickle and raw storages, read here with an unpickler that only builds tensors and
-ordered dicts (anything else in the pickle is an error, so a file cannot run code).
+(``edm-cifar10-32x32-*``, the VE baseline), NCSNv2, openai's consistency models and
+diffusers' NCSN++ port are recognised and refused with an error that says what differs
+(see :data:`REFUSED` and :data:`EDM_EXPORT_COMMAND`). Torch is never imported:
+``torch.save`` files are zip archives of a pickle and raw storages, read here with an
+unpickler that only builds tensors and ordered dicts (anything else in the pickle is an
+error, so a file cannot run code).
 
 The map from the source's parameter names to ours is explicit and printable
 (:func:`name_table`): our network's top-level modules in the order it calls them are paired
 with the source's, in the source's own order (``all_modules.<k>`` of score_sde_pytorch,
-Flax auto-names ``<Class>_<k>`` of score_sde, diffusers' block names); inside a module
-the names follow :data:`INNER_NAMES`, and arrays are converted by :data:`TRANSFORMS`
-(PyTorch's ``OIHW`` convolutions to ``HWIO``, ``(out, in)`` linears to ``(in, out)``,
-score_sde's ``NIN`` matrices to 1x1 convolutions).
+Flax auto-names ``<Class>_<k>`` of score_sde, diffusers' and EDM's block names, written
+out by :func:`_diffusers_prefixes` and :func:`_edm_prefixes`); inside a module the names
+follow :data:`INNER_NAMES`, and arrays are converted by :data:`TRANSFORMS` (PyTorch's
+``OIHW`` convolutions to ``HWIO``, ``(out, in)`` linears to ``(in, out)``, score_sde's
+``NIN`` matrices to 1x1 convolutions, EDM's fused ``qkv`` split into q, k and v).
 
 Two model options exist only to load checkpoints exactly (both in the cifar10 configs):
 ``model.fourier_in_params=True`` keeps NCSN++'s Fourier frequencies as the parameter
