@@ -501,7 +501,7 @@ def get_sde(config) -> SDE:
         raise ValueError(f"Unknown training.sde {config.training.sde!r}; valid: {sorted(SDES)}")
     model, N = config.model, config.model.num_scales
     if name in ("vesde", "edm"):
-        return SDES[name](sigma_min=model.sigma_min, sigma_max=model.sigma_max, N=N)
+        return SDES[name](sigma_min=float(model.sigma_min), sigma_max=float(model.sigma_max), N=N)
     if name in ("cosine", "rectified_flow"):
         return SDES[name](N=N)
     return SDES[name](beta_min=model.beta_min, beta_max=model.beta_max, N=N)
