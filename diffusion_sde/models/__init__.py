@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_sde import parametrization as param
+from diffusion_sde.models.classifier import NoiseConditionalClassifier, classifier_log_prob_fn
 from diffusion_sde.models.ddpm import DDPM
+from diffusion_sde.models.layers import VP_CONTINUOUS_TIME_SCALE
 from diffusion_sde.models.mlp import MLP
 from diffusion_sde.models.ncsnpp import NCSNpp
 from diffusion_sde.models.ncsnv2 import NCSNv2
@@ -47,8 +49,10 @@ __all__ = [
     "MODELS",
     "NCSNpp",
     "NCSNv2",
+    "NoiseConditionalClassifier",
     "VP_CONTINUOUS_TIME_SCALE",
     "chain_level",
+    "classifier_log_prob_fn",
     "continuous_labels",
     "count_parameters",
     "default_parametrization",
@@ -63,9 +67,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
 }
 
-# VP networks see continuous time as t * 999, whatever N: the 2021 reference keeps the
-# label range of DDPM's 1000 steps so that a DDPM-style embedding sees the same inputs.
-VP_CONTINUOUS_TIME_SCALE = 999.0
 
 # What a network predicts on each path unless model.parametrization says otherwise: the
 # 2021 reference's noise prediction (VP, sub-VP) and score (VE), EDM's preconditioned F on
