@@ -998,7 +998,8 @@ def import_checkpoint(
     again when the file has none), at the source's step, plus ``config.json`` and
     ``state_spec.json``. Returns the checkpoint directory."""
     from diffusion_sde import data as data_lib
-    from diffusion_sde import losses, train
+    from diffusion_sde import train
+    from diffusion_sde.training import step as step_lib
 
     workdir = pathlib.Path(workdir).absolute()
     if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
@@ -1026,7 +1027,7 @@ def import_checkpoint(
     # The same tree as a trained run's state (leaf order and dtypes), so restore fits.
     params = jax.tree.map(lambda a, s: a.astype(s.dtype), params, abstract.params)
     ema_params = jax.tree.map(lambda a, s: a.astype(s.dtype), ema_params, abstract.ema_params)
-    state = losses.TrainState(
+    state = step_lib.TrainState(
         step=jnp.asarray(weights.step, jnp.int32),
         params=params,
         ema_params=ema_params,

@@ -30,9 +30,10 @@ is one channel: see :func:`colorize`.
 
 **Class-conditional sampling** (section 5, app. I.4). Bayes' rule gives the conditional score
 :math:`\nabla_x \log p_t(x \mid y) = \nabla_x \log p_t(x) + \nabla_x \log p_t(y \mid x)`:
-:func:`classifier_guided_score` adds the gradient of a noise-conditional classifier
-(:class:`NoiseConditionalClassifier`, trained by :func:`train_classifier` on forward-diffused
-data), and :func:`classifier_free_guided_score` mixes the conditional and unconditional
+:func:`classifier_guided_score` adds the gradient of any classifier log-probability
+function :math:`\log p_t(y \mid x)` (e.g. ``models.classifier_log_prob_fn`` of a
+``models.NoiseConditionalClassifier`` trained by ``training.classifier.train_classifier``
+on forward-diffused data; re-exported here), and :func:`classifier_free_guided_score` mixes the conditional and unconditional
 scores of one network trained with label dropout (Ho & Salimans 2022).
 
 ``nfe`` counts evaluations of the ``score_fn`` handed to the sampler, as everywhere in this
@@ -45,18 +46,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from diffusion_sde.models import VP_CONTINUOUS_TIME_SCALE, layers
 from diffusion_sde.sampling import CORRECTORS, PREDICTORS, GridPoint, _check_pc, _lookup
 from diffusion_sde.sde import SDE, ScoreFn, batch_broadcast
 
@@ -358,182 +354,25 @@ def classifier_free_guided_score(
     return guided
 
 
-# --- The noise-conditional classifier -----------------------------------------------------
+# --- The noise-conditional classifier, re-exported ------------------------------------------
+# The network lives with the networks (models/classifier.py) and its training with training
+# (training/classifier.py); guidance above takes any log-probability function. The names
+# stay importable from here for the notebooks and scripts written against them.
+from diffusion_sde.models.classifier import (  # noqa: E402
+    NoiseConditionalClassifier,
+    classifier_log_prob_fn,
+)
+from diffusion_sde.training.classifier import classifier_loss, train_classifier  # noqa: E402
 
-
-class NoiseConditionalClassifier(nn.Module):
-    r"""A classifier :math:`p_t(y \mid x_t)` of forward-diffused data.
-
-    ``__call__(x, t) -> (B, num_classes)`` logits, ``t`` the SDE time ``(B,)``. Its input is
-    ``x`` as the caller scales it (:func:`classifier_log_prob_fn` passes
-    :math:`x / \sqrt{\alpha_t^2 + \sigma_t^2}`, of order one on every SDE). The time enters as
-    in the score networks: the sinusoidal embedding of ``999 t`` (DDPM's label range), two
-    dense layers to :math:`e`, added to every block through a dense projection.
-
-    - Images ``(B, H, W, C)``: a 3x3 convolution, then per entry of ``channel_multipliers``
-      a DDPM residual block (:class:`layers.ResnetBlockDDPMpp`, no dropout) with
-      ``features * multiplier`` channels, each but the last followed by 2x2 average
-      pooling; then group normalisation, global average pooling and a dense layer.
-    - Vectors ``(B, D)``: a dense layer, ``len(channel_multipliers)`` residual dense blocks
-      :math:`h \leftarrow h + W\,\mathrm{act}(U\,\mathrm{act}(h) + V\,\mathrm{act}(e))`, a dense
-      layer.
-    """
-
-    num_classes: int
-    features: int = 32
-    channel_multipliers: Sequence[int] = (1, 2)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
-        act = nn.swish
-        dense = lambda features: nn.Dense(features, kernel_init=layers.default_init())
-        temb = layers.get_timestep_embedding(VP_CONTINUOUS_TIME_SCALE * t, self.features)
-        temb = dense(4 * self.features)(temb)
-        temb = dense(4 * self.features)(act(temb))
-        if x.ndim == 4:
-            h = layers.Conv(self.features)(x)
-            for level, multiplier in enumerate(self.channel_multipliers):
-                h = layers.ResnetBlockDDPMpp(
-                    act=act, out_ch=self.features * multiplier, dropout=0.0, init_scale=1.0
-                )(h, temb)
-                if level < len(self.channel_multipliers) - 1:
-                    h = nn.avg_pool(h, (2, 2), strides=(2, 2))
-            h = jnp.mean(act(layers.group_norm(h)), axis=(1, 2))
-        elif x.ndim == 2:
-            h = dense(self.features)(x)
-            for _ in self.channel_multipliers:
-                inner = dense(self.features)(act(h)) + dense(self.features)(act(temb))
-                h = h + dense(self.features)(act(inner))
-            h = act(h)
-        else:
-            raise ValueError(f"expected images (B, H, W, C) or vectors (B, D), got {x.shape}")
-        return dense(self.num_classes)(h)
-
-
-def _classifier_input(sde: SDE, x: jax.Array, t: jax.Array) -> jax.Array:
-    # Of order one at every t for data of order one: VE's x_t reaches sigma_max.
-    alpha, sigma = sde.marginal_coeffs(t)
-    return x / batch_broadcast(jnp.sqrt(alpha**2 + sigma**2), x)
-
-
-def classifier_log_prob_fn(sde: SDE, model: nn.Module, params: Any) -> LogProbFn:
-    r"""``log_prob_fn(x, t) -> (B, num_classes)``: :math:`\log p_t(y \mid x)` of a trained
-    :class:`NoiseConditionalClassifier` (log-softmax of its logits at the scaled input)."""
-
-    def log_prob_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        logits = model.apply({"params": params}, _classifier_input(sde, x, t), t)
-        return jax.nn.log_softmax(logits, axis=-1)
-
-    return log_prob_fn
-
-
-def classifier_loss(
-    key: jax.Array,
-    sde: SDE,
-    model: nn.Module,
-    params: Any,
-    x: jax.Array,
-    labels: jax.Array,
-    *,
-    eps: float = 1e-5,
-) -> jax.Array:
-    r"""Per-example cross-entropy of the classifier on forward-diffused data,
-
-    .. math::  \ell = -\log p_\theta(y \mid x_t, t), \qquad t \sim U(\epsilon, T),\quad
-       x_t = \alpha_t x_0 + \sigma_t z,\quad z \sim \mathcal N(0, I),
-
-    so that the minimiser is the noise-conditional posterior :math:`p_t(y \mid x_t)`.
-    Returns ``(B,)``.
-    """
-    t_key, noise_key = jax.random.split(key)
-    t = jax.random.uniform(t_key, x.shape[:1], minval=eps, maxval=sde.T)
-    mean, std = sde.marginal_prob(x, t)
-    x_t = mean + batch_broadcast(std, x) * jax.random.normal(noise_key, x.shape, x.dtype)
-    log_probs = classifier_log_prob_fn(sde, model, params)(x_t, t)
-    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-
-
-def _iterator_batches(batches: Iterable) -> Iterator[tuple[jax.Array, jax.Array]]:
-    for batch in batches:
-        if isinstance(batch, dict):
-            batch = batch["x"], batch["label"]
-        x, labels = batch
-        yield jnp.asarray(x), jnp.asarray(labels, jnp.int32)
-
-
-def train_classifier(
-    key: jax.Array,
-    sde: SDE,
-    data: tuple[Any, Any] | Iterable,
-    *,
-    model: nn.Module,
-    num_steps: int = 1000,
-    batch_size: int = 128,
-    learning_rate: float = 1e-3,
-    eps: float = 1e-5,
-) -> tuple[Any, np.ndarray]:
-    r"""Train a noise-conditional classifier with Adam on :func:`classifier_loss`.
-
-    Each step draws :math:`t \sim U(\epsilon, T)` and :math:`x_t \sim p_{0t}(x_t \mid x_0)` for
-    a minibatch and takes one jitted Adam step on the mean cross-entropy. Deterministic
-    given ``key`` (and the data order).
-
-    Args:
-      key: PRNG key (initialisation, minibatches, and the step's ``t`` and noise, folded
-        with the step).
-      sde: the forward SDE whose marginals the classifier learns.
-      data: ``(x, labels)`` arrays (``x`` clean data in model space, ``(N, *dims)``;
-        ``labels`` ``(N,)`` ints), sampled in uniform minibatches of ``batch_size`` with
-        replacement; or an iterable of batches, ``{"x": ..., "label": ...}`` as
-        ``data.get_dataset`` yields, or ``(x, labels)`` tuples.
-      model: e.g. ``NoiseConditionalClassifier(num_classes=10)``.
-      num_steps: optimisation steps (fewer if the iterable ends first).
-      batch_size: minibatch size for array data.
-      learning_rate: Adam's step size.
-      eps: the smallest training time.
-
-    Returns:
-      ``(params, losses)``: the parameters, for :func:`classifier_log_prob_fn`, and the
-      ``(steps,)`` minibatch losses.
-    """
-    init_key, loop_key = jax.random.split(key)
-    optimizer = optax.adam(learning_rate)
-
-    def update(params, opt_state, key, x, labels):
-        def mean_loss(params):
-            return jnp.mean(classifier_loss(key, sde, model, params, x, labels, eps=eps))
-
-        loss, grads = jax.value_and_grad(mean_loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    if isinstance(data, tuple):
-        # The whole arrays go to the compiled step, which draws the minibatch itself.
-        batches = itertools.repeat((jnp.asarray(data[0]), jnp.asarray(data[1], jnp.int32)))
-
-        @jax.jit
-        def step_fn(params, opt_state, key, x_all, labels_all):
-            batch_key, step_key = jax.random.split(key)
-            index = jax.random.randint(batch_key, (batch_size,), 0, x_all.shape[0])
-            return update(params, opt_state, step_key, x_all[index], labels_all[index])
-
-    else:
-        batches = _iterator_batches(data)
-        step_fn = jax.jit(update)
-    first = next(batches)
-    example = first[0][:1]
-    params = jax.jit(model.init)(init_key, example, jnp.zeros((1,), example.dtype))["params"]
-    opt_state = optimizer.init(params)
-    losses, batch = [], first
-    for step in range(num_steps):
-        if step > 0 and (batch := next(batches, None)) is None:
-            break
-        params, opt_state, loss = step_fn(
-            params, opt_state, jax.random.fold_in(loop_key, step), *batch
-        )
-        losses.append(loss)
-    losses = np.asarray(jnp.stack(losses))
-    if not np.all(np.isfinite(losses)):
-        bad = int(np.argmin(np.isfinite(losses)))
-        raise FloatingPointError(f"classifier loss is not finite from step {bad} on")
-    return params, losses
+__all__ = [
+    "NoiseConditionalClassifier",
+    "classifier_free_guided_score",
+    "classifier_guided_score",
+    "classifier_log_prob_fn",
+    "classifier_loss",
+    "colorize",
+    "couple",
+    "decouple",
+    "inpaint",
+    "train_classifier",
+]

@@ -88,19 +88,28 @@ def is_disk_full(error: BaseException) -> bool:
 def _name_fields(config) -> list[tuple[str, Any, Iterable[str]]]:
     """``(field, value, valid names)`` of every config field that names an implementation,
     from the dictionaries the library chooses from."""
-    from diffusion_sde import data, models, ode_solvers, sampling, sde, sde_solvers
+    from diffusion_sde import data, losses, models, ode_solvers, parametrization, sampling, sde
+    from diffusion_sde import sde_solvers
 
     fields = [
         ("training.sde", str(config.training.sde).lower(), sde.SDES),
         ("model.name", config.model.name, models.MODELS),
         ("optim.optimizer", str(config.optim.optimizer).lower(), ("adam", "adamw")),
     ]
+    optional = [
+        ("model", "parametrization", parametrization.PARAMETRIZATIONS),
+        ("training", "weighting", losses.WEIGHTINGS),
+        ("training", "time_distribution", losses.TIME_DISTRIBUTIONS),
+    ]
+    for group, name, valid in optional:
+        if config[group].get(name) is not None:  # else the path's / the 2021 default
+            fields.append((f"{group}.{name}", str(config[group][name]), valid))
     dataset = str(config.data.dataset)
     if not dataset.startswith("lsun/"):  # data.data_shape checks the LSUN category
         names = [*data.BUILTIN_DATASETS, *(n for n in data.TFDS_DATASETS if n != "lsun")]
         fields.append(("data.dataset", dataset, names))
     method = str(config.sampling.get("method", "pc")).lower()
-    fields.append(("sampling.method", method, ("pc", "ode", "sde")))
+    fields.append(("sampling.method", method, ("pc", "ode", "sde", "edm")))
     if method == "pc":
         fields += [
             ("sampling.predictor", str(config.sampling.predictor).lower(), sampling.PREDICTORS),
@@ -162,22 +171,24 @@ def check_config(config) -> None:
 
 def _build(config):
     """Run the builders a training run starts with; their ValueErrors are about the config."""
-    from diffusion_sde import data, losses, sampling, train
+    from diffusion_sde import data, sampling, train
     from diffusion_sde.models import get_model
     from diffusion_sde.sde import get_sde
+    from diffusion_sde.training import step as step_lib
 
     shape = data.data_shape(config.data)
     sde = get_sde(config)
     model = get_model(config.model)
     train.get_optimizer(config.optim)
     training = config.training
-    losses.get_loss_fn(
+    step_lib.get_loss_fn(
         sde,
         model,
         continuous=training.continuous,
         reduce_mean=training.reduce_mean,
         likelihood_weighting=training.likelihood_weighting,
         label_dropout=training.get("label_dropout", 0.0),
+        **step_lib.loss_config(config),
     )
     num_samples = int(training.get("snapshot_num_samples", 64))
     sampling.get_sampler(config.sampling, sde, (num_samples, *shape))

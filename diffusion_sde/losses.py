@@ -18,15 +18,11 @@ the sum over data dimensions is halved, as in the 2021 reference.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import NamedTuple
 
-import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
-from diffusion_sde.models import get_score_fn
 from diffusion_sde.sde import SDE, VESDE, VPSDE, ScoreFn, batch_broadcast
 
 
@@ -34,6 +30,110 @@ def _reduce_over_data(values: jax.Array, reduce_mean: bool) -> jax.Array:
     """Mean over data dimensions, or half their sum; keeps the batch axis."""
     flat = values.reshape(values.shape[0], -1)
     return jnp.mean(flat, axis=-1) if reduce_mean else 0.5 * jnp.sum(flat, axis=-1)
+
+
+# --- Weightings and time distributions of the DSM loss ------------------------------------
+#
+# Every weighting is written as a weight w(t) on the noise-prediction error
+# ||sigma_t s + z||^2 = ||eps_hat - eps||^2, so that lambda(t) = w(t) sigma_t^2 in the
+# module docstring's form. Errors of the other targets are multiples of it (see
+# parametrization.py): ||x0_hat - x0||^2 = (sigma/alpha)^2 ||eps_hat - eps||^2,
+# ||v_hat - v||^2 = ((alpha^2 + sigma^2)/alpha)^2 ||.||^2 and, for the flow-matching
+# velocity u = alpha' x0 + sigma' eps, ||u_hat - u||^2 = (sigma' - alpha' sigma/alpha)^2 ||.||^2.
+
+
+class LossOptions(NamedTuple):
+    """Constants of the weightings and time distributions (the papers' defaults)."""
+
+    sigma_data: float = 0.5  # EDM's sigma_data
+    min_snr_gamma: float = 5.0  # Hang et al. (2023)
+    log_normal_mean: float = -1.2  # EDM's P_mean
+    log_normal_std: float = 1.2  # EDM's P_std
+    logit_normal_mean: float = 0.0  # Esser et al. (2024, SD3)
+    logit_normal_std: float = 1.0
+
+
+DEFAULT_LOSS_OPTIONS = LossOptions()
+
+
+def _snr(sde, t):
+    alpha, sigma = sde.marginal_coeffs(t)
+    return (alpha / sigma) ** 2
+
+
+def _v_weight(sde, t):
+    alpha, sigma = sde.marginal_coeffs(t)
+    return ((alpha**2 + sigma**2) / alpha) ** 2
+
+
+def _velocity_weight(sde, t, options):
+    alpha, sigma, d_alpha, d_sigma = sde.marginal_coeffs_and_derivatives(t)
+    return (d_sigma - d_alpha * sigma / alpha) ** 2
+
+
+# name -> w(sde, t, options): the weight on ||eps_hat - eps||^2, shaped like t.
+WEIGHTINGS: dict[str, Callable[[SDE, jax.Array, LossOptions], jax.Array]] = {
+    # lambda = sigma^2 (Song et al. 2021): DDPM's noise-prediction loss.
+    "sigma2": lambda sde, t, o: jnp.ones_like(t),
+    # lambda = g^2 (Song et al. 2021b): an upper bound on the negative log-likelihood.
+    "likelihood": lambda sde, t, o: (
+        sde.sde(jnp.zeros((t.shape[0], 1)), t)[1] ** 2 / sde.marginal_coeffs(t)[1] ** 2
+    ),
+    # The data-prediction error ||x0_hat - x0||^2.
+    "x0": lambda sde, t, o: 1.0 / _snr(sde, t),
+    # Salimans & Ho's v error ||v_hat - v||^2.
+    "v": lambda sde, t, o: _v_weight(sde, t),
+    # EDM (Karras et al. 2022, eq. 8 with Table 1): (sigma^2 + sigma_d^2)/(sigma sigma_d)^2
+    # on ||D - x0||^2, sigma the scaled noise level sigma_t / alpha_t.
+    "edm": lambda sde, t, o: (1.0 / _snr(sde, t) + o.sigma_data**2) / o.sigma_data**2,
+    # Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) on ||x0_hat - x0||^2.
+    "min_snr": lambda sde, t, o: jnp.minimum(_snr(sde, t), o.min_snr_gamma) / _snr(sde, t),
+    # Flow matching (Lipman et al. 2023): the velocity error ||u_hat - u||^2.
+    "velocity": _velocity_weight,
+}
+
+
+def _uniform_times(key, sde, batch, eps, options):
+    return jax.random.uniform(key, (batch,), minval=eps, maxval=sde.T)
+
+
+def _log_normal_times(key, sde, batch, eps, options):
+    # EDM: ln sigma ~ N(P_mean, P_std^2) for the scaled noise level sigma_t / alpha_t.
+    log_sigma = options.log_normal_mean + options.log_normal_std * jax.random.normal(key, (batch,))
+    return jnp.clip(sde.t_from_log_snr(-log_sigma), eps, sde.T)
+
+
+def _logit_normal_times(key, sde, batch, eps, options):
+    # Esser et al. (2024): t = sigmoid(u), u ~ N(m, s^2), mapped onto [eps, T].
+    u = options.logit_normal_mean + options.logit_normal_std * jax.random.normal(key, (batch,))
+    return eps + (sde.T - eps) * jax.nn.sigmoid(u)
+
+
+# name -> sampler(key, sde, batch, eps, options) of the times t, shaped (batch,).
+TIME_DISTRIBUTIONS: dict[str, Callable[..., jax.Array]] = {
+    "uniform": _uniform_times,
+    "log_normal": _log_normal_times,
+    "logit_normal": _logit_normal_times,
+}
+
+
+def _lookup(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"Unknown {what} {name!r}; valid: {sorted(table)}")
+    return table[name]
+
+
+def resolve_weighting(weighting: str | None, likelihood_weighting: bool) -> str:
+    """The weighting name: ``weighting``, or from the 2021 flag when it is ``None``."""
+    if weighting is None:
+        return "likelihood" if likelihood_weighting else "sigma2"
+    _lookup(WEIGHTINGS, weighting, "training.weighting")
+    if likelihood_weighting and weighting != "likelihood":
+        raise ValueError(
+            f"training.likelihood_weighting=True contradicts training.weighting={weighting!r}: "
+            "set one of them (weighting='likelihood' is the flag's weighting)."
+        )
+    return weighting
 
 
 def dsm_losses(
@@ -45,21 +145,39 @@ def dsm_losses(
     likelihood_weighting: bool = False,
     reduce_mean: bool = True,
     eps: float = 1e-5,
+    weighting: str | None = None,
+    time_distribution: str = "uniform",
+    options: LossOptions = DEFAULT_LOSS_OPTIONS,
 ) -> jax.Array:
-    """Per-example continuous DSM losses, shape ``(B,)``; see the module docstring.
+    r"""Per-example continuous DSM losses, shape ``(B,)``; see the module docstring.
 
-    Draws ``t ~ U[eps, T]`` then ``z ~ N(0, I)`` from ``jax.random.split(key)``.
+    Draws ``t`` from ``time_distribution`` (``uniform`` on ``[eps, T]``; ``log_normal``:
+    :math:`\ln(\sigma_t/\alpha_t) \sim \mathcal N(P_{mean}, P_{std}^2)`, EDM's, clipped to
+    ``[eps, T]``; ``logit_normal``: :math:`t = \epsilon + (T - \epsilon)\,\mathrm{sigmoid}(u)`,
+    :math:`u \sim \mathcal N(m, s^2)`, SD3's) then ``z ~ N(0, I)`` from
+    ``jax.random.split(key)``, and returns
+    :math:`w(t)\,\lVert \sigma_t s_\theta(x_t, t) + z \rVert^2` (reduced over data) with
+    the weight of ``weighting`` (:data:`WEIGHTINGS`: ``sigma2``, ``likelihood``, ``x0``, ``v``,
+    ``edm``, ``min_snr``, ``velocity``). ``weighting=None`` follows ``likelihood_weighting``
+    (``likelihood`` or ``sigma2``, the 2021 losses, computed as before). Every weighting is
+    positive and every time distribution has a density on ``[eps, T]``, so the minimiser is
+    the true score whatever the choice.
     """
+    weighting = resolve_weighting(weighting, likelihood_weighting)
+    sample_times = _lookup(TIME_DISTRIBUTIONS, time_distribution, "training.time_distribution")
     key_t, key_z = jax.random.split(key)
-    t = jax.random.uniform(key_t, (x.shape[0],), minval=eps, maxval=sde.T)
+    t = sample_times(key_t, sde, x.shape[0], eps, options)
     z = jax.random.normal(key_z, x.shape)
     mean, sigma = sde.marginal_prob(x, t)
     sigma = batch_broadcast(sigma, x)
     score = score_fn(mean + sigma * z, t)
-    if not likelihood_weighting:
-        return _reduce_over_data(jnp.square(score * sigma + z), reduce_mean)
-    g2 = sde.sde(jnp.zeros_like(x), t)[1] ** 2
-    return _reduce_over_data(jnp.square(score + z / sigma), reduce_mean) * g2
+    if weighting == "likelihood":
+        g2 = sde.sde(jnp.zeros_like(x), t)[1] ** 2
+        return _reduce_over_data(jnp.square(score + z / sigma), reduce_mean) * g2
+    losses = _reduce_over_data(jnp.square(score * sigma + z), reduce_mean)
+    if weighting == "sigma2":
+        return losses
+    return losses * WEIGHTINGS[weighting](sde, t, options)
 
 
 def dsm_loss(
@@ -71,6 +189,9 @@ def dsm_loss(
     likelihood_weighting: bool = False,
     reduce_mean: bool = True,
     eps: float = 1e-5,
+    weighting: str | None = None,
+    time_distribution: str = "uniform",
+    options: LossOptions = DEFAULT_LOSS_OPTIONS,
 ) -> jax.Array:
     """Batch mean of :func:`dsm_losses`: the continuous-time training objective."""
     return jnp.mean(
@@ -82,6 +203,9 @@ def dsm_loss(
             likelihood_weighting=likelihood_weighting,
             reduce_mean=reduce_mean,
             eps=eps,
+            weighting=weighting,
+            time_distribution=time_distribution,
+            options=options,
         )
     )
 
@@ -149,128 +273,3 @@ def smld_loss(
 ) -> jax.Array:
     """Batch mean of :func:`smld_losses`."""
     return jnp.mean(smld_losses(key, vesde, score_fn, x, reduce_mean=reduce_mean))
-
-
-# --- The training step -------------------------------------------------------------------
-
-
-LABEL_DROPOUT_STREAM = 7  # fold_in index of the label-dropout key within a step's key
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a run needs to continue: the step, parameters, their EMA, the
-    optimizer state and the run's base PRNG key (step keys are ``fold_in(key, step)``)."""
-
-    step: jax.Array
-    params: Any
-    ema_params: Any
-    opt_state: Any
-    key: jax.Array
-
-
-def get_loss_fn(
-    sde: SDE,
-    model: nn.Module,
-    *,
-    continuous: bool = True,
-    reduce_mean: bool = False,
-    likelihood_weighting: bool = False,
-    train: bool = True,
-    eps: float = 1e-5,
-    label_dropout: float = 0.0,
-) -> Callable[[Any, jax.Array, dict], jax.Array]:
-    """``loss_fn(params, key, batch) -> scalar`` for a network, as the config asks.
-
-    Continuous training uses :func:`dsm_loss` through ``models.get_score_fn``; discrete
-    training uses :func:`ddpm_loss` (VP) or :func:`smld_loss` (VE) with the network fed
-    the integer step / noise-level label. ``batch["label"]`` conditions class-conditional
-    networks (``model.config.num_classes > 0``); with ``label_dropout`` > 0 (and ``train``)
-    each label is replaced by the null label ``num_classes`` with that probability, so the
-    one network learns the conditional and the unconditional score, as classifier-free
-    guidance needs (Ho & Salimans 2022).
-    """
-    if not continuous and not isinstance(sde, VPSDE | VESDE):
-        raise ValueError(
-            f"Discrete training (training.continuous=False) is defined for VPSDE (DDPM) and "
-            f"VESDE (SMLD), not {type(sde).__name__}; use training.continuous=True."
-        )
-    num_classes = getattr(getattr(model, "config", None), "num_classes", 0)
-    conditional = num_classes > 0
-    if not 0.0 <= label_dropout < 1.0:
-        raise ValueError(f"training.label_dropout must be in [0, 1), got {label_dropout}")
-    if label_dropout > 0 and not conditional:
-        raise ValueError(
-            "training.label_dropout > 0 needs a class-conditional model: set "
-            "model.num_classes to the number of classes of the data."
-        )
-
-    def loss_fn(params, key, batch):
-        key_loss, key_dropout = jax.random.split(key)
-        variables = {"params": params}
-        class_labels = batch["label"] if conditional else None
-        if conditional and train and label_dropout > 0:
-            # A key of its own, so that label dropout leaves the other draws unchanged.
-            dropped = jax.random.bernoulli(
-                jax.random.fold_in(key, LABEL_DROPOUT_STREAM), label_dropout, class_labels.shape
-            )
-            class_labels = jnp.where(dropped, num_classes, class_labels)
-        rngs = {"dropout": key_dropout} if train else {}
-        if continuous:
-            score_fn = get_score_fn(
-                sde,
-                model,
-                variables,
-                continuous=True,
-                train=train,
-                dropout_key=key_dropout if train else None,
-                class_labels=class_labels,
-            )
-            return dsm_loss(
-                key_loss,
-                sde,
-                score_fn,
-                batch["x"],
-                likelihood_weighting=likelihood_weighting,
-                reduce_mean=reduce_mean,
-                eps=eps,
-            )
-
-        def network(x, labels):
-            return model.apply(
-                variables, x, labels.astype(jnp.float32), y=class_labels, train=train, rngs=rngs
-            )
-
-        loss = ddpm_loss if isinstance(sde, VPSDE) else smld_loss
-        return loss(key_loss, sde, network, batch["x"], reduce_mean=reduce_mean)
-
-    return loss_fn
-
-
-def get_step_fn(
-    loss_fn: Callable[[Any, jax.Array, dict], jax.Array],
-    optimizer: optax.GradientTransformation,
-    ema_rate: float,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    r"""One optimisation step ``step_fn(state, batch) -> (state, metrics)``.
-
-    Gradients of ``loss_fn`` at the step key ``fold_in(state.key, state.step)``, an optax
-    update, and the parameter EMA :math:`\bar\theta \leftarrow r \bar\theta + (1 - r)\theta`
-    with ``r = ema_rate``. Pure: under ``jax.jit`` with a sharded batch, XLA inserts the
-    cross-device gradient mean.
-    """
-
-    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        key = jax.random.fold_in(state.key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, key, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_params = jax.tree.map(
-            lambda ema, p: ema_rate * ema + (1.0 - ema_rate) * p, state.ema_params, params
-        )
-        new_state = state.replace(
-            step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
-        )
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    return step_fn

@@ -64,11 +64,19 @@ def _standard_normal_logp(z: jax.Array, scale: jax.Array | float = 1.0) -> jax.A
 
 
 class SDE:
-    """Shared behaviour of the forward SDEs. Subclasses define the maths.
+    r"""An affine path :math:`x_t = \alpha_t x_0 + \sigma_t z` and the SDE whose marginals it has.
 
-    A subclass provides ``sde``, ``marginal_coeffs``, ``prior_sampling``,
-    ``prior_logp``, ``log_snr`` and ``t_from_log_snr``; ``discretize`` defaults to
-    Euler--Maruyama and may be overridden.
+    A subclass provides ``marginal_coeffs(t) -> (alpha_t, sigma_t)`` and ``t_from_log_snr``;
+    everything else follows. The It\^o SDE :math:`dx = f(t) x\,dt + g(t)\,dw` started at
+    :math:`x_0` has exactly these marginals when (Kingma et al. 2021, VDM, appendix A)
+
+    .. math::  f(t) = \frac{d \log \alpha_t}{dt}, \qquad
+       g(t)^2 = \frac{d \sigma_t^2}{dt} - 2 f(t)\,\sigma_t^2,
+
+    computed here from the derivatives of ``marginal_coeffs`` (forward-mode autodiff, exact);
+    VP, sub-VP and VE override ``sde`` with their closed forms. The prior is
+    :math:`\mathcal N(0, \sigma_T^2 I)` (the marginal at ``T`` with the signal
+    :math:`\alpha_T x_0` dropped); ``discretize`` defaults to Euler--Maruyama.
     """
 
     N: int
@@ -78,13 +86,36 @@ class SDE:
         """End time of the forward process."""
         return 1.0
 
-    def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Drift ``f(x, t)`` shaped like ``x`` and diffusion ``g(t)`` shaped ``(B,)``."""
-        raise NotImplementedError
-
     def marginal_coeffs(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         r"""``(alpha_t, sigma_t)`` of the kernel :math:`\mathcal N(\alpha_t x_0, \sigma_t^2 I)`."""
         raise NotImplementedError
+
+    def marginal_coeffs_and_derivatives(
+        self, t: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        r"""``(alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt)``, each shaped like ``t``."""
+        (alpha, sigma), (d_alpha, d_sigma) = jax.jvp(
+            self.marginal_coeffs, (t,), (jnp.ones_like(t),)
+        )
+        return alpha, sigma, d_alpha, d_sigma
+
+    def marginal_variance(self, t: jax.Array) -> jax.Array:
+        r""":math:`\sigma_t^2`; a path overrides it where :math:`\sigma_t^2` is smoother than
+        :math:`\sigma_t` (at :math:`\sigma_0 = 0` the derivative of :math:`\sigma_t` is infinite)."""
+        return self.marginal_coeffs(t)[1] ** 2
+
+    def drift_and_diffusion_coeffs(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        r"""``(f(t), g(t))`` with :math:`f = \dot\alpha/\alpha` and
+        :math:`g^2 = d\sigma^2/dt - 2 f \sigma^2` (see the class docstring)."""
+        coeffs = lambda s: (self.marginal_coeffs(s)[0], self.marginal_variance(s))
+        (alpha, variance), (d_alpha, d_variance) = jax.jvp(coeffs, (t,), (jnp.ones_like(t),))
+        f = d_alpha / alpha
+        return f, jnp.sqrt(jnp.maximum(d_variance - 2.0 * f * variance, 0.0))
+
+    def sde(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Drift ``f(x, t)`` shaped like ``x`` and diffusion ``g(t)`` shaped ``(B,)``."""
+        f, g = self.drift_and_diffusion_coeffs(t)
+        return batch_broadcast(f, x) * x, g
 
     def marginal_prob(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         r"""Mean ``alpha_t x`` (shaped like ``x``) and std ``sigma_t`` (shaped ``(B,)``) of
@@ -102,6 +133,18 @@ class SDE:
         """Inverse of ``log_snr``."""
         raise NotImplementedError
 
+    def prior_std(self) -> jax.Array:
+        r""":math:`\sigma_T`, the std of the prior :math:`\mathcal N(0, \sigma_T^2 I)`."""
+        return self.marginal_coeffs(jnp.asarray(self.T, jnp.float32))[1]
+
+    def prior_sampling(self, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """Samples of the prior :math:`\\mathcal N(0, \\sigma_T^2 I)`, shaped ``shape``."""
+        return jax.random.normal(key, shape) * self.prior_std()
+
+    def prior_logp(self, z: jax.Array) -> jax.Array:
+        """Log density of the prior at ``z``, summed over data dimensions: ``(B,)``."""
+        return _standard_normal_logp(z, self.prior_std())
+
     def discretize(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         r"""One step ``x_{i+1} = x_i + f_i + G_i z`` of size ``dt = T / N``.
 
@@ -115,6 +158,9 @@ class SDE:
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
         """The reverse-time SDE (or probability-flow ODE) driven by ``score_fn``."""
         return ReverseSDE(forward=self, score_fn=score_fn, probability_flow=probability_flow)
+
+
+AffinePath = SDE  # The name of the concept: every SDE here is an affine Gaussian path.
 
 
 @flax.struct.dataclass
@@ -332,15 +378,130 @@ class VESDE(SDE):
         return jnp.zeros_like(x), jnp.sqrt(sigmas[i] ** 2 - previous**2)
 
 
-SDES: dict[str, type[SDE]] = {"vpsde": VPSDE, "subvpsde": subVPSDE, "vesde": VESDE}
+@flax.struct.dataclass
+class CosineSDE(SDE):
+    r"""The cosine schedule of Nichol & Dhariwal (2021, eq. 17) as a variance-preserving path.
+
+    .. math::  \alpha_t = \frac{\cos(\phi_t)}{\cos(\phi_0)}, \quad
+       \phi_t = \frac{t + s}{1 + s}\,\frac{\pi}{2}, \qquad \sigma_t = \sqrt{1 - \alpha_t^2},
+
+    i.e. :math:`\bar\alpha_t = \alpha_t^2 = f(t)/f(0)` with :math:`f(t) = \cos^2\phi_t`. Its SDE
+    (from the affine-path formulas) is VP's with :math:`\beta(t) = -2 f(t) = \pi \tan(\phi_t)/(1+s)`,
+    which diverges at :math:`t = 1` where :math:`\alpha_1 = 0`; the path therefore ends at
+    ``T = 0.9946`` (as DPM-Solver's cosine schedule; :math:`\alpha_T \approx 0.0084`,
+    :math:`\lambda_T \approx -4.8`), the counterpart of Nichol & Dhariwal's clipping of
+    :math:`\beta_t` at 0.999. Prior :math:`\mathcal N(0, \sigma_T^2 I)`, :math:`\sigma_T \approx 1`.
+    ``discretize`` is Euler--Maruyama.
+    """
+
+    s: float = 0.008
+    end_time: float = flax.struct.field(pytree_node=False, default=0.9946)
+    N: int = flax.struct.field(pytree_node=False, default=1000)
+
+    @property
+    def T(self) -> float:
+        return self.end_time
+
+    def _phi(self, t):
+        return (t + self.s) / (1.0 + self.s) * (0.5 * jnp.pi)
+
+    def marginal_coeffs(self, t):
+        phi_0 = self._phi(jnp.zeros_like(t))
+        return jnp.cos(self._phi(t)) / jnp.cos(phi_0), jnp.sqrt(self.marginal_variance(t))
+
+    def marginal_variance(self, t):
+        # 1 - cos^2(phi) / cos^2(phi_0) = sin(phi - phi_0) sin(phi + phi_0) / cos^2(phi_0),
+        # without the cancellation of 1 - alpha^2 near t = 0.
+        phi, phi_0 = self._phi(t), self._phi(jnp.zeros_like(t))
+        difference = t / (1.0 + self.s) * (0.5 * jnp.pi)  # phi - phi_0, without round-off
+        return jnp.sin(difference) * jnp.sin(phi + phi_0) / jnp.cos(phi_0) ** 2
+
+    def t_from_log_snr(self, log_snr):
+        # alpha^2 = sigmoid(2 lambda) on a variance-preserving path.
+        alpha = jnp.sqrt(jax.nn.sigmoid(2.0 * log_snr))
+        phi = jnp.arccos(alpha * jnp.cos(self._phi(jnp.zeros_like(log_snr))))
+        return phi * (1.0 + self.s) / (0.5 * jnp.pi) - self.s
+
+
+@flax.struct.dataclass
+class EDMSDE(SDE):
+    r"""The sigma-parametrised path of Karras et al. (2022, EDM): :math:`\alpha_t = 1`,
+    :math:`\sigma_t = t`, on :math:`t \in [\sigma_{min}, \sigma_{max}]`.
+
+    Its SDE is :math:`dx = \sqrt{2t}\,dw` (:math:`f = 0`, :math:`g^2 = d\sigma^2/dt = 2t`), a
+    variance-exploding SDE whose time is the noise level; the probability-flow ODE is EDM's
+    :math:`dx/d\sigma = -\sigma\,\nabla\log p`. ``T = sigma_max``; sampling ends at
+    ``sigma_min`` (``sampling.default_eps``). Prior :math:`\mathcal N(0, \sigma_{max}^2 I)`.
+    Unlike ``VESDE`` no noise is assumed in ``x(0)``: :math:`\sigma_0 = 0`.
+    ``sigma_min`` and ``sigma_max`` are static (``T`` is a Python float).
+    """
+
+    sigma_min: float = flax.struct.field(pytree_node=False, default=0.002)
+    sigma_max: float = flax.struct.field(pytree_node=False, default=80.0)
+    N: int = flax.struct.field(pytree_node=False, default=1000)
+
+    @property
+    def T(self) -> float:
+        return self.sigma_max
+
+    def marginal_coeffs(self, t):
+        return jnp.ones_like(t), t
+
+    def t_from_log_snr(self, log_snr):
+        return jnp.exp(-log_snr)
+
+
+@flax.struct.dataclass
+class RectifiedFlow(SDE):
+    r"""The rectified-flow / conditional optimal-transport path (Liu et al. 2023; Lipman et
+    al. 2023 with :math:`\sigma_{min} = 0`): :math:`\alpha_t = 1 - t`, :math:`\sigma_t = t`.
+
+    Its velocity is :math:`dx_t/dt = z - x_0` and its SDE (from the affine-path formulas)
+    :math:`f = -1/(1 - t)`, :math:`g^2 = 2t/(1 - t)`, which diverges at :math:`t = 1` where
+    :math:`\alpha_1 = 0`; the path therefore ends at ``T = 1 - 1e-3`` (``end_time``;
+    :math:`\alpha_T = 10^{-3}`). The probability-flow ODE is the flow-matching ODE
+    :math:`dx/dt = v(x, t)`. Prior :math:`\mathcal N(0, T^2 I)`. ``discretize`` is
+    Euler--Maruyama.
+    """
+
+    end_time: float = flax.struct.field(pytree_node=False, default=0.999)
+    N: int = flax.struct.field(pytree_node=False, default=1000)
+
+    @property
+    def T(self) -> float:
+        return self.end_time
+
+    def marginal_coeffs(self, t):
+        return 1.0 - t, t
+
+    def t_from_log_snr(self, log_snr):
+        # (1 - t) / t = e^lambda.
+        return jax.nn.sigmoid(-log_snr)
+
+
+SDES: dict[str, type[SDE]] = {
+    "vpsde": VPSDE,
+    "subvpsde": subVPSDE,
+    "vesde": VESDE,
+    "cosine": CosineSDE,
+    "edm": EDMSDE,
+    "rectified_flow": RectifiedFlow,
+}
 
 
 def get_sde(config) -> SDE:
-    """Build the SDE named by ``config.training.sde`` with ``config.model`` parameters."""
+    """Build the path named by ``config.training.sde`` with ``config.model`` parameters.
+
+    ``vpsde``, ``subvpsde`` (``model.beta_min``, ``beta_max``), ``vesde`` (``model.sigma_min``,
+    ``sigma_max``), ``cosine``, ``edm`` (``model.sigma_min``, ``sigma_max``: EDM's 0.002 and
+    80), ``rectified_flow``; ``model.num_scales`` is ``N``.
+    """
     name = config.training.sde.lower()
     if name not in SDES:
         raise ValueError(f"Unknown training.sde {config.training.sde!r}; valid: {sorted(SDES)}")
     model, N = config.model, config.model.num_scales
-    if name == "vesde":
-        return VESDE(sigma_min=model.sigma_min, sigma_max=model.sigma_max, N=N)
+    if name in ("vesde", "edm"):
+        return SDES[name](sigma_min=float(model.sigma_min), sigma_max=float(model.sigma_max), N=N)
+    if name in ("cosine", "rectified_flow"):
+        return SDES[name](N=N)
     return SDES[name](beta_min=model.beta_min, beta_max=model.beta_max, N=N)

@@ -36,10 +36,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_sde import data as data_lib
-from diffusion_sde import errors, losses, plotting, sampling
+from diffusion_sde import errors, plotting, sampling
 from diffusion_sde import workdir as workdir_lib
 from diffusion_sde.models import continuous_labels, get_model, get_score_fn
 from diffusion_sde.sde import get_sde
+from diffusion_sde.training import step as step_lib
 
 # --- Optimizer ----------------------------------------------------------------------------
 
@@ -71,7 +72,7 @@ def get_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformat
     return adam
 
 
-def create_train_state(key, *, model, optimizer, data_shape, conditional) -> losses.TrainState:
+def create_train_state(key, *, model, optimizer, data_shape, conditional) -> step_lib.TrainState:
     """Fresh parameters (float32), their EMA copy, optimizer state and the run key."""
     key_params, key_dropout, key_run = jax.random.split(key, 3)
     x = jnp.zeros((1, *data_shape), jnp.float32)
@@ -80,7 +81,7 @@ def create_train_state(key, *, model, optimizer, data_shape, conditional) -> los
         {"params": key_params, "dropout": key_dropout}, x, jnp.zeros((1,)), y=y, train=False
     )
     params = variables["params"]
-    return losses.TrainState(
+    return step_lib.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=jax.tree.map(jnp.copy, params),  # its own buffers: the state is donated
@@ -96,21 +97,22 @@ def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
     """The jitted ``train_steps(state, batches) -> (state, metrics)`` of a run.
 
     ``batches`` holds ``n`` global batches stacked as ``(n, B, ...)``; one call runs the
-    ``n`` optimisation steps of ``losses.get_step_fn`` (``train_and_evaluate`` passes
+    ``n`` optimisation steps of ``step_lib.get_step_fn`` (``train_and_evaluate`` passes
     ``n = training.n_jitted_steps``) through ``lax.scan``, or written out one after the
     other on CPU (see below), with the state replicated and donated and each batch sharded
     over ``mesh``'s ``data`` axis. ``metrics`` are per step, shaped ``(n,)``.
     """
     training = config.training
-    loss_fn = losses.get_loss_fn(
+    loss_fn = step_lib.get_loss_fn(
         sde,
         model,
         continuous=training.continuous,
         reduce_mean=training.reduce_mean,
         likelihood_weighting=training.likelihood_weighting,
         label_dropout=training.get("label_dropout", 0.0),
+        **step_lib.loss_config(config),
     )
-    step_fn = losses.get_step_fn(loss_fn, optimizer, config.model.ema_rate)
+    step_fn = step_lib.get_step_fn(loss_fn, optimizer, config.model.ema_rate)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(None, "data"))
     # XLA:CPU runs a training step inside a while loop (a scan, even of length 1) 2x
@@ -277,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     Resumes from the newest checkpoint in ``workdir/checkpoints`` when there is one.
     One run at a time: a second run on the same workdir stops with an error naming the
-    first (``workdir.RunLock``). Returns the final :class:`losses.TrainState`.
+    first (``workdir.RunLock``). Returns the final :class:`step_lib.TrainState`.
     """
     workdir = workdir_lib.prepare(workdir)
     with workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0):
@@ -355,13 +357,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     # --- Step function: n_jitted_steps optimisation steps per call ----------------------
     train_steps = get_train_steps(config, sde, model, optimizer, mesh)
     eval_loss_fn = jax.jit(
-        losses.get_loss_fn(
+        step_lib.get_loss_fn(
             sde,
             model,
             continuous=training.continuous,
             reduce_mean=training.reduce_mean,
             likelihood_weighting=training.likelihood_weighting,
             train=False,
+            **step_lib.loss_config(config),
         )
     )
 

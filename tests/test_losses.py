@@ -7,6 +7,7 @@ import pytest
 
 from diffusion_sde import losses
 from diffusion_sde.sde import VESDE, VPSDE, subVPSDE
+from diffusion_sde.training import step as step_lib
 
 BETA_MIN, BETA_MAX, SIGMA_MIN, SIGMA_MAX, N = 0.1, 20.0, 0.01, 50.0, 1000
 ALL_SDES = [VPSDE(), subVPSDE(), VESDE()]
@@ -180,7 +181,7 @@ class _NullLabelProbe:
 @pytest.mark.parametrize("label_dropout", [0.0, 0.3])
 def test_label_dropout_replaces_that_fraction_of_labels_by_the_null_label(label_dropout):
     """DDPM loss of the probe: E||1{dropped} - z||^2 = p + 1 per dimension."""
-    loss_fn = losses.get_loss_fn(
+    loss_fn = step_lib.get_loss_fn(
         VPSDE(),
         _NullLabelProbe(),
         continuous=False,
@@ -191,7 +192,7 @@ def test_label_dropout_replaces_that_fraction_of_labels_by_the_null_label(label_
     loss = float(loss_fn({}, jax.random.key(0), batch))
     np.testing.assert_allclose(loss, 1.0 + label_dropout, atol=0.03)
     # Evaluation (train=False) never drops labels.
-    eval_fn = losses.get_loss_fn(
+    eval_fn = step_lib.get_loss_fn(
         VPSDE(),
         _NullLabelProbe(),
         continuous=False,
@@ -205,7 +206,7 @@ def test_label_dropout_replaces_that_fraction_of_labels_by_the_null_label(label_
 def test_label_dropout_needs_a_conditional_model_and_a_probability():
     probe = _NullLabelProbe()
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        losses.get_loss_fn(VPSDE(), probe, label_dropout=1.0)
+        step_lib.get_loss_fn(VPSDE(), probe, label_dropout=1.0)
     unconditional = type("Model", (), {"config": type("C", (), {"num_classes": 0})})()
     with pytest.raises(ValueError, match="class-conditional model"):
-        losses.get_loss_fn(VPSDE(), unconditional, label_dropout=0.1)
+        step_lib.get_loss_fn(VPSDE(), unconditional, label_dropout=0.1)

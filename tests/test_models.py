@@ -456,6 +456,9 @@ PARAMETERS = {
     "cifar10_ncsnpp_deep_continuous_ve": 107_586_947,
     "cifar10_ddpm_vp": 35_746_307,
     "cifar10_ncsnv2_ve": 29_694_083,
+    # DDPM++ with EDM's ch_mult (2, 2, 2): 55.73M, the capacity EDM's paper gives for it.
+    "cifar10_edm_ddpmpp": 55_732_739,
+    "cifar10_rectified_flow": 61_804_419,
 }
 DDPMPP = {
     "model.name": "ncsnpp",
@@ -548,6 +551,48 @@ HYPERPARAMETERS = {
         "optim.warmup": 0,
         "optim.grad_clip": -1.0,
         "data.centered": False,
+    },
+    # EDM's CIFAR-10 recipe (Karras et al. 2022, Table 7 and their train.py for
+    # --arch=ddpmpp --precond=edm): 200 Mimg at batch 512, lr 1e-3 ramped over 10 Mimg, EMA
+    # half-life 0.5 Mimg, dropout 0.13, P_mean -1.2, P_std 1.2, sigma_data 0.5, 18 Heun steps.
+    "cifar10_edm_ddpmpp": {
+        **DDPMPP,
+        "model.ch_mult": (2, 2, 2),
+        "model.dropout": 0.13,
+        "model.ema_rate": 0.5 ** (1.0 / (0.5e6 / 512)),  # half-life 0.5 Mimg
+        "model.parametrization": "edm",
+        "model.sigma_data": 0.5,
+        "model.sigma_min": 0.002,
+        "model.sigma_max": 80,
+        "training.sde": "edm",
+        "training.weighting": "edm",
+        "training.time_distribution": "log_normal",
+        "training.log_normal_mean": -1.2,
+        "training.log_normal_std": 1.2,
+        "training.batch_size": 512,
+        "training.n_iters": 390_625,
+        "training.reduce_mean": False,
+        "optim.lr": 1e-3,
+        "optim.warmup": 19_531,
+        "optim.grad_clip": -1.0,
+        "sampling.method": "edm",
+        "sampling.num_steps": 18,
+        "sampling.rho": 7.0,
+        "sampling.s_churn": 0.0,
+        "sampling.eps": 0.002,
+        "sampling.predictor": "euler_maruyama",
+    },
+    # Rectified flow (Liu et al. 2023) with the DDPM++ of cifar10_ddpmpp_continuous_vp and
+    # RK45 sampling.
+    "cifar10_rectified_flow": {
+        **DDPMPP,
+        "training.sde": "rectified_flow",
+        "training.weighting": "velocity",
+        "training.time_distribution": "uniform",
+        "model.parametrization": "velocity",
+        "sampling.method": "ode",
+        "sampling.ode_method": "adaptive",
+        "sampling.noise_removal": False,
     },
 }
 DEFAULTS = {

@@ -22,7 +22,8 @@ CONFIG_NAMES = sorted(
 def test_every_config_samples_down_to_its_sdes_eps(name):
     # The 2021 reference samples VE models down to 1e-5, VP and sub-VP ones to 1e-3.
     config = importlib.import_module(f"configs.{name}").get_config()
-    expected = 1e-5 if config.training.sde == "vesde" else 1e-3
+    # EDM's path is sampled down to its sigma_min, 0.002 (Karras et al. 2022).
+    expected = {"vesde": 1e-5, "edm": 0.002}.get(config.training.sde, 1e-3)
     assert config.sampling.eps == expected
     assert config.sampling.ode_continuous_score is True
 

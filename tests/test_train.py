@@ -16,9 +16,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import toy_2d_vp
-from diffusion_sde import evaluate, losses, train
+from diffusion_sde import evaluate, train
 from diffusion_sde.models import get_model
 from diffusion_sde.sde import get_sde
+from diffusion_sde.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -64,7 +65,9 @@ def test_one_step_on_eight_devices_equals_one_device():
     state = train.create_train_state(
         jax.random.PRNGKey(0), model=model, optimizer=optimizer, data_shape=(2,), conditional=False
     )
-    step_fn = losses.get_step_fn(losses.get_loss_fn(sde, model, reduce_mean=True), optimizer, 0.9)
+    step_fn = step_lib.get_step_fn(
+        step_lib.get_loss_fn(sde, model, reduce_mean=True), optimizer, 0.9
+    )
     batch = {
         "x": jax.random.normal(jax.random.PRNGKey(1), (64, 2)),
         "label": jnp.zeros((64,), jnp.int32),
@@ -101,8 +104,8 @@ def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
         "x": jax.random.normal(jax.random.PRNGKey(1), (3, 64, 2)),
         "label": jnp.zeros((3, 64), jnp.int32),
     }
-    step_fn = losses.get_step_fn(
-        losses.get_loss_fn(sde, model, reduce_mean=config.training.reduce_mean),
+    step_fn = step_lib.get_step_fn(
+        step_lib.get_loss_fn(sde, model, reduce_mean=config.training.reduce_mean),
         optimizer,
         config.model.ema_rate,
     )

@@ -24,11 +24,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from diffusion_sde import parametrization as param
+from diffusion_sde.models.classifier import NoiseConditionalClassifier, classifier_log_prob_fn
 from diffusion_sde.models.ddpm import DDPM
+from diffusion_sde.models.layers import VP_CONTINUOUS_TIME_SCALE
 from diffusion_sde.models.mlp import MLP
 from diffusion_sde.models.ncsnpp import NCSNpp
 from diffusion_sde.models.ncsnv2 import NCSNv2
-from diffusion_sde.sde import SDE, VESDE, VPSDE, ScoreFn, batch_broadcast, subVPSDE
+from diffusion_sde.sde import (
+    EDMSDE,
+    SDE,
+    VESDE,
+    VPSDE,
+    CosineSDE,
+    RectifiedFlow,
+    ScoreFn,
+    batch_broadcast,
+    subVPSDE,
+)
 
 __all__ = [
     "DDPM",
@@ -36,10 +49,13 @@ __all__ = [
     "MODELS",
     "NCSNpp",
     "NCSNv2",
+    "NoiseConditionalClassifier",
     "VP_CONTINUOUS_TIME_SCALE",
     "chain_level",
+    "classifier_log_prob_fn",
     "continuous_labels",
     "count_parameters",
+    "default_parametrization",
     "get_model",
     "get_score_fn",
 ]
@@ -51,9 +67,33 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
 }
 
-# VP networks see continuous time as t * 999, whatever N: the 2021 reference keeps the
-# label range of DDPM's 1000 steps so that a DDPM-style embedding sees the same inputs.
-VP_CONTINUOUS_TIME_SCALE = 999.0
+
+# What a network predicts on each path unless model.parametrization says otherwise: the
+# 2021 reference's noise prediction (VP, sub-VP) and score (VE), EDM's preconditioned F on
+# EDM's path, the flow-matching velocity on rectified flow, and noise on the cosine path
+# (Nichol & Dhariwal's).
+DEFAULT_PARAMETRIZATION: dict[type[SDE], str] = {
+    VPSDE: "eps",
+    subVPSDE: "eps",
+    CosineSDE: "eps",
+    VESDE: "score",
+    EDMSDE: "edm",
+    RectifiedFlow: "velocity",
+}
+
+# Paths whose continuous network label is the noise level sigma_t (as VE's); the others
+# take 999 t.
+_SIGMA_LABELLED = (VESDE, EDMSDE)
+
+
+def default_parametrization(sde: SDE) -> str:
+    """The network target of :data:`DEFAULT_PARAMETRIZATION` for ``sde``'s type."""
+    if type(sde) not in DEFAULT_PARAMETRIZATION:
+        raise ValueError(
+            f"get_score_fn needs a path of diffusion_sde.sde (VPSDE, subVPSDE and VESDE; "
+            f"CosineSDE, EDMSDE, RectifiedFlow), got {type(sde).__name__}"
+        )
+    return DEFAULT_PARAMETRIZATION[type(sde)]
 
 
 def _check_ve_labels(config: Any, continuous: bool) -> None:
@@ -141,16 +181,28 @@ def get_score_fn(
     train: bool = False,
     dropout_key: jax.Array | None = None,
     class_labels: jax.Array | None = None,
+    parametrization: str | None = None,
+    sigma_data: float | None = None,
 ) -> ScoreFn:
-    r"""Wrap a network as a score function ``score_fn(x, t)``, ``t`` of shape ``(B,)``.
+    r"""Wrap a network as a score function ``score_fn(x, t)``, ``t`` of shape ``(B,)``: one
+    function of the path and what the network predicts.
 
-    VP and sub-VP networks predict the noise :math:`\epsilon` of
-    :math:`x_t = \alpha_t x_0 + \sigma_t \epsilon` (Ho et al. 2020), so
+    The network output is read as the target ``parametrization`` (``eps``, ``x0``, ``v``,
+    ``score``, ``velocity`` or ``edm``; see :mod:`diffusion_sde.parametrization`) and turned
+    into the score :math:`s = (\alpha_t\hat x_0 - x)/\sigma_t^2`. ``None`` takes
+    ``model.config.parametrization`` when the model's config sets it, else the path's default
+    (:data:`DEFAULT_PARAMETRIZATION`: noise for VP, sub-VP and cosine, the score for VE,
+    EDM's F on EDM's path, the velocity on rectified flow). For ``edm`` the network sees
+    :math:`c_{in}\tilde x` and EDM's preconditioning uses ``sigma_data`` (``None``:
+    ``model.config.sigma_data``, else 0.5).
 
-    .. math::  s_\theta(x, t) = -\epsilon_\theta(x, c(t)) / \sigma_t.
+    Time labels, continuous: :math:`c(t) = 999\,t` on VP, sub-VP, cosine and rectified flow,
+    as the 2021 reference for VP; the noise level :math:`\sigma_t` on VE and EDM; for ``edm``
+    EDM's :math:`c_{noise} = \tfrac14\ln\tilde\sigma` (:math:`\tilde\sigma` itself for a
+    network with Fourier features, which embed its log). So with the defaults:
 
-    - ``continuous`` (and always for sub-VP): time label :math:`c(t) = 999\,t` and
-      :math:`\sigma_t` the std of ``sde.marginal_prob``, as the 2021 reference.
+    - VP and sub-VP networks predict the noise :math:`\epsilon` (Ho et al. 2020),
+      :math:`s_\theta(x, t) = -\epsilon_\theta(x, c(t)) / \sigma_t`.
     - discrete (DDPM): at the chain level :math:`k` = :func:`chain_level` of ``t``, the label
       is :math:`c = k`, the integer step the network was trained on (``losses.ddpm_loss``),
       and :math:`\sigma = \sqrt{1 - \bar\alpha_k}` of the DDPM chain. On the samplers' grid
@@ -160,56 +212,85 @@ def get_score_fn(
       Off the grid (ODE solvers, likelihood) the label and std are piecewise constant in
       ``t``; the evaluation code uses the continuous adapter there by default
       (``sampling.ode_continuous_score``), as the reference does.
-
-    VE networks output the score itself (those with ``scale_by_sigma`` divide by
-    :math:`\sigma` inside), fed :math:`c(t) = \sigma(t)` (``continuous``; the std of
-    ``sde.marginal_prob``) or :math:`c(t) = N - 1 - k`, :math:`k` = :func:`chain_level` of
-    ``t``: the index into the descending SMLD noise levels (label 0 is
-    :math:`\sigma_{max}` at ``t = T``).
+    - VE networks output the score itself (those with ``scale_by_sigma`` divide by
+      :math:`\sigma` inside), fed :math:`c(t) = \sigma(t)` (``continuous``) or
+      :math:`c(t) = N - 1 - k`, :math:`k` = :func:`chain_level` of ``t``: the index into the
+      descending SMLD noise levels (label 0 is :math:`\sigma_{max}` at ``t = T``).
 
     Args:
-      sde: a ``VPSDE``, ``subVPSDE`` or ``VESDE``.
+      sde: any path of :mod:`diffusion_sde.sde`.
       model: a network from :func:`get_model` (any linen module with its call signature).
       variables: ``{"params": ...}``.
-      continuous: continuous-time labels (continuous training) or discrete ones.
+      continuous: continuous-time labels (continuous training) or discrete ones (VPSDE with
+        ``eps`` and VESDE with ``score`` only).
       train: run the network in training mode (dropout on; needs ``dropout_key``).
       dropout_key: the ``dropout`` rng when ``train``.
       class_labels: ``(B,)`` int labels for a class-conditional network; ``None`` is the
         null label.
+      parametrization: what the network predicts (see above).
+      sigma_data: EDM's :math:`\sigma_{data}` for ``edm``.
 
     Returns:
       ``score_fn(x, t)`` returning an array shaped like ``x``.
     """
+    config = getattr(model, "config", None)
+    config_get = (lambda name: config.get(name)) if config is not None else (lambda name: None)
+    if parametrization is None:
+        parametrization = config_get("parametrization") or default_parametrization(sde)
+    param.check_parametrization(parametrization)
+    if sigma_data is None:
+        sigma_data = config_get("sigma_data") or param.SIGMA_DATA
+    if config_get("scale_by_sigma") and parametrization not in ("score", "eps"):
+        raise ValueError(
+            f"model.scale_by_sigma divides the network output by sigma, the score "
+            f"parametrisation of NCSN; with model.parametrization={parametrization!r} set "
+            "model.scale_by_sigma=False"
+        )
+    if isinstance(sde, subVPSDE):
+        continuous = True  # sub-VP has no discrete chain; the 2021 reference's behaviour.
+    if not continuous:
+        discrete = {VPSDE: "eps", VESDE: "score"}
+        if discrete.get(type(sde)) != parametrization:
+            raise ValueError(
+                f"Discrete labels (training.continuous=False) are defined for VPSDE with "
+                f"parametrization 'eps' (DDPM) and VESDE with 'score' (SMLD), not "
+                f"{type(sde).__name__} with {parametrization!r}; use training.continuous=True."
+            )
     if isinstance(sde, VESDE):
-        _check_ve_labels(getattr(model, "config", None), continuous)
+        _check_ve_labels(config, continuous)
+    fourier = config_get("embedding_type") == "fourier"
     rngs = {} if dropout_key is None else {"dropout": dropout_key}
 
     def network(x: jax.Array, time_cond: jax.Array) -> jax.Array:
         return model.apply(variables, x, time_cond, y=class_labels, train=train, rngs=rngs)
 
-    if isinstance(sde, (VPSDE, subVPSDE)):
+    if not continuous and isinstance(sde, VPSDE):
 
         def score_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-            if continuous or isinstance(sde, subVPSDE):
-                labels = VP_CONTINUOUS_TIME_SCALE * t
-                std = sde.marginal_prob(jnp.zeros_like(x), t)[1]
-            else:
-                level = chain_level(sde, t)
-                labels = level.astype(t.dtype)
-                std = sde.sqrt_one_minus_alphas_cumprod[level]
-            return -network(x, labels) / batch_broadcast(std, x)
+            level = chain_level(sde, t)
+            std = sde.sqrt_one_minus_alphas_cumprod[level]
+            return -network(x, level.astype(t.dtype)) / batch_broadcast(std, x)
 
-    elif isinstance(sde, VESDE):
+        return score_fn
+    if not continuous:
 
         def score_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-            if continuous:
-                time_cond = sde.marginal_prob(jnp.zeros_like(x), t)[1]
-            else:
-                time_cond = (sde.N - 1 - chain_level(sde, t)).astype(t.dtype)
-            return network(x, time_cond)
+            return network(x, (sde.N - 1 - chain_level(sde, t)).astype(t.dtype))
 
-    else:
-        raise ValueError(
-            f"get_score_fn supports VPSDE, subVPSDE and VESDE, got {type(sde).__name__}"
-        )
+        return score_fn
+
+    def labels(t: jax.Array, coeffs: param.PathCoeffs, x: jax.Array) -> jax.Array:
+        if parametrization == "edm":
+            sigma_tilde = (coeffs.sigma / coeffs.alpha).reshape(t.shape)
+            return sigma_tilde if fourier else param.edm_preconditioning(sigma_tilde)[3]
+        if isinstance(sde, _SIGMA_LABELLED):
+            return sde.marginal_prob(jnp.zeros_like(x), t)[1]
+        return VP_CONTINUOUS_TIME_SCALE * t
+
+    def score_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        coeffs = param.path_coeffs(sde, t, x, derivatives=param.needs_derivatives(parametrization))
+        inputs = param.network_input(parametrization, coeffs, x, sigma_data)
+        output = network(inputs, labels(t, coeffs, x))
+        return param.to_score(parametrization, coeffs, output, x, sigma_data)
+
     return score_fn

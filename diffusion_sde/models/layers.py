@@ -60,6 +60,11 @@ NIN_INIT_SCALE = 0.1
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
+# VP networks see continuous time as t * 999, whatever N: the 2021 reference keeps the
+# label range of DDPM's 1000 steps so that a DDPM-style embedding sees the same inputs.
+VP_CONTINUOUS_TIME_SCALE = 999.0
+
+
 def choose(what: str, name: str, options: Mapping[str, T]) -> T:
     """``options[name]``, or a ``ValueError`` listing the valid names of ``what``."""
     if name not in options:

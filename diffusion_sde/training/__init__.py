@@ -1,0 +1,1 @@
+"""Training machinery: the train state and step (``step.py``); ``train.py`` runs the loop."""
