@@ -88,8 +88,16 @@ def is_disk_full(error: BaseException) -> bool:
 def _name_fields(config) -> list[tuple[str, Any, Iterable[str]]]:
     """``(field, value, valid names)`` of every config field that names an implementation,
     from the dictionaries the library chooses from."""
-    from diffusion_sde import data, losses, models, ode_solvers, parametrization, sampling, sde
-    from diffusion_sde import sde_solvers
+    from diffusion_sde import (
+        data,
+        losses,
+        models,
+        ode_solvers,
+        parametrization,
+        sampling,
+        sde,
+        sde_solvers,
+    )
 
     fields = [
         ("training.sde", str(config.training.sde).lower(), sde.SDES),
