@@ -116,7 +116,11 @@ CASES = {
     ),
     "unknown SDE": (
         [TOY, "--workdir={tmp}/w", "--config.training.sde=vpsd"],
-        ["training.sde='vpsd'", "did you mean 'vpsde'", "valid: cosine, edm, rectified_flow, subvpsde, vesde, vpsde"],
+        [
+            "training.sde='vpsd'",
+            "did you mean 'vpsde'",
+            "valid: cosine, edm, rectified_flow, subvpsde, vesde, vpsde",
+        ],
     ),
     "eval on an empty workdir": (
         [TOY, "--workdir={tmp}/empty", "--mode=eval"],
