@@ -182,6 +182,7 @@ def user_errors(tmp_path_factory):
     (tmp / "broken.py").write_text("def get_config(:\n    pass\n")
     cases = {name: [arg.format(tmp=tmp) for arg in args] for name, (args, _) in CASES.items()}
     cases["syntax error"] = [f"--config={tmp}/broken.py", f"--workdir={tmp}/w"]
+    cases["debug"] = [TOY, f"--workdir={tmp}/w", "--config.training.sde=vpsd", "--debug"]
     jobs = [(argv, str(tmp / f"stderr_{i}")) for i, argv in enumerate(cases.values())]
     runner = run_main(json.dumps(jobs), prefix=("-c", FORK_RUNNER))
     assert runner.returncode == 0, runner.stderr[-3000:]
@@ -216,8 +217,8 @@ def test_a_user_error_through_python_m(tmp_path):
     )
 
 
-def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
-    result = run_main(TOY, f"--workdir={tmp_path}", "--config.training.sde=vpsd", "--debug")
+def test_debug_shows_the_traceback_of_a_user_error(user_errors):
+    result = user_errors[1]["debug"]
     assert result.returncode != 0 and "Traceback" in result.stderr
     assert "ConfigError: training.sde='vpsd'" in result.stderr
 
