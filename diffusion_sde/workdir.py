@@ -29,6 +29,7 @@ import threading
 from typing import Any
 
 import jax
+import numpy as np
 
 from diffusion_sde import errors
 
@@ -250,7 +251,12 @@ def save_checkpoint(manager, step: int, state: Any, *, force: bool = False, last
         else "no checkpoint was saved yet"
     )
     advice = f"{kept}; free some space (or give a --workdir on a larger disk) and rerun."
-    if free < needed:
+    fits = free >= needed
+    if jax.process_count() > 1:  # every process must take the same way: saving is collective
+        from jax.experimental import multihost_utils
+
+        fits = bool(np.all(multihost_utils.process_allgather(np.asarray(fits))))
+    if not fits:
         raise errors.DiskFullError(
             errno.ENOSPC,
             f"Not enough space to save the checkpoint of step {step} in {directory}: it needs "
