@@ -68,6 +68,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from diffusion_sde import errors
+
 __all__ = [
     "FORMATS",
     "INNER_NAMES",
@@ -87,7 +89,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
     """A checkpoint that cannot be loaded into the configured network."""
 
 

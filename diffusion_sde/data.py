@@ -74,6 +74,8 @@ import sklearn.datasets
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from diffusion_sde import errors
+
 Batch = dict[str, np.ndarray]
 ToySampler = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
 
@@ -82,7 +84,7 @@ DEFAULT_PREFETCH_BATCHES = 4
 DEFAULT_TOY_EVAL_EXAMPLES = 10_000
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(errors.UserError, FileNotFoundError):
     """A TFDS dataset is not prepared (as ArrayRecord files) under the data directory."""
 
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_sde import data as data_lib
-from diffusion_sde import likelihood, plotting, sampling
+from diffusion_sde import errors, likelihood, plotting, sampling
 from diffusion_sde.models import continuous_labels, get_model, get_score_fn
 from diffusion_sde.sde import get_sde
 from diffusion_sde.train import check_state_spec, create_train_state, get_optimizer, restore_latest
@@ -78,12 +78,12 @@ def load_trained(config, workdir: str | pathlib.Path, step: int | None = None):
     else:
         available = sorted(manager.all_steps())
         manager.close()
-        raise FileNotFoundError(
+        raise errors.MissingCheckpointError(
             f"No checkpoint of step {step} under {workdir}/checkpoints (it has {available})."
         )
     manager.close()
     if state is None:
-        raise FileNotFoundError(
+        raise errors.MissingCheckpointError(
             f"No readable checkpoint under {workdir}/checkpoints; train first with "
             f"--mode=train and the same --workdir."
         )
@@ -117,7 +117,7 @@ def checkpoint_steps(config, workdir: str | pathlib.Path) -> list[int | None]:
     steps = [step for step in wanted.values() if step in available]
     missing = [k for k, step in wanted.items() if step not in available]
     if not steps:
-        raise FileNotFoundError(
+        raise errors.MissingCheckpointError(
             f"None of the snapshots {begin}..{end} (steps {begin * freq}..{end * freq}, "
             f"training.snapshot_freq={freq}) is in {directory}; it has the steps "
             f"{available}. Set --config.eval.begin_ckpt / end_ckpt to snapshots it has, or "

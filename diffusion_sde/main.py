@@ -7,6 +7,10 @@ written into ``DIR`` for ``eval`` and ``sample``; see :mod:`diffusion_sde.checkp
 to call ``jax.distributed.initialize()`` (which reads the cluster from the environment)
 before anything touches the devices.
 
+An error of the user's input (a flag, the config, the workdir, a full disk) is printed as
+one line, ``error: ...``, with exit status 2; ``--debug`` shows its traceback too. Bugs
+keep their traceback.
+
 Compiled programs are cached on disk (``JAX_COMPILATION_CACHE_DIR``, by default
 ``~/.cache/diffusion_sde/jax``), so rerunning a command skips most of its compilation.
 """
@@ -14,6 +18,7 @@ Compiled programs are cached on disk (``JAX_COMPILATION_CACHE_DIR``, by default
 import logging as python_logging
 import os
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,14 +34,59 @@ flags.DEFINE_string(
     "--mode=import: its format (score_sde, score_sde_pytorch, torch_state_dict, diffusers, ...).",
 )
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+flags.DEFINE_bool("debug", False, "Show the traceback of user errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _OnlyWarningsFromLibraries(python_logging.Filter):
-    """Keep orbax's per-save INFO lines out of the run's log; warnings still show."""
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Orbax's notices that the read-only manager evaluation opens is read-only.
+_NOTICES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
+
+
+class _QuietLibraries(python_logging.Filter):
+    """Keep the run's log to what a user can act on: the libraries' INFO lines (orbax's
+    per save, JAX's probe for a TPU backend that is not there) and orbax's read-only
+    notices are dropped; the libraries' other warnings and errors still show."""
 
     def filter(self, record: python_logging.LogRecord) -> bool:
-        return record.levelno >= python_logging.WARNING or "/orbax/" not in record.pathname
+        if record.pathname.startswith(_PACKAGE):
+            return True
+        if record.levelno < python_logging.WARNING:
+            return False
+        return not ("/orbax/" in record.pathname and record.getMessage().startswith(_NOTICES))
+
+
+def _fail(message: str) -> None:
+    """Report a user error on one line and exit with status 2."""
+    try:  # a progress bar left open by the error would end up after the message
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except ImportError:
+        pass
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _debug_requested(argv) -> bool:
+    return any(arg in ("--debug", "--debug=true", "--debug=True", "--debug=1") for arg in argv)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with every error of a flag or of the config file told in one
+    line (and the nearest valid name where one was misspelt)."""
+    from diffusion_sde import errors
+
+    try:
+        rest = FLAGS(argv)
+        if FLAGS["config"].value is not None:
+            FLAGS.config.keys()  # a config file that failed to load raises only when read
+        return rest
+    except Exception as error:
+        if _debug_requested(argv):
+            raise
+        _fail(errors.describe_flag_error(error, argv))
 
 
 def main(argv):
@@ -50,24 +100,32 @@ def main(argv):
     if FLAGS.multihost:
         jax.distributed.initialize()
     logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
-    from diffusion_sde import checkpoints, evaluate, train
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from diffusion_sde import checkpoints, errors, evaluate, train
 
-    if FLAGS.mode == "import":
+    def import_published(config, workdir):
         if not FLAGS.checkpoint or not FLAGS.format:
-            raise app.UsageError(
+            raise errors.UserError(
                 "--mode=import needs --checkpoint=PATH and --format=NAME, NAME one of "
-                f"{sorted(checkpoints.FORMATS)}"
+                f"{sorted(checkpoints.FORMATS)}."
             )
-        checkpoints.import_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.format)
-        return
+        checkpoints.import_checkpoint(config, workdir, FLAGS.checkpoint, FLAGS.format)
+
     modes = {
         "train": train.train_and_evaluate,
         "eval": evaluate.evaluate,
         "sample": evaluate.sample,
+        "import": import_published,
     }
-    modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+    try:
+        errors.check_config(FLAGS.config)
+        modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+    except Exception as error:
+        user_error = errors.as_user_error(error)
+        if user_error is None or FLAGS.debug:
+            raise
+        _fail(str(user_error))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -150,26 +150,12 @@ def heun_step(sde, score_fn, x, t, t_next, history):
     return alpha_next * (x_tilde + (sigma_tilde_next - sigma_tilde) * 0.5 * (d + d_next)), history
 
 
-def dpm_solver_step(sde, score_fn, x, t, t_next, history, *, order):
-    r"""Multistep DPM-Solver++ of order ``order`` (Lu et al. 2022, Algorithm 2, extended).
-
-    Taylor-expanding :math:`\hat x_0` in :math:`\lambda` about :math:`\lambda_t` in the exact
-    solution, with :math:`h = \lambda_{t'} - \lambda_t`,
-
-    .. math::  x_{t'} = \frac{\sigma_{t'}}{\sigma_t} x_t
-       - \alpha_{t'}\varphi_1 \hat x_0 + \alpha_{t'}\varphi_2\, h\hat x_0'
-       - \alpha_{t'}\varphi_3\, h^2 \hat x_0'',
-
-    :math:`\varphi_1 = e^{-h} - 1`, :math:`\varphi_2 = \varphi_1/h + 1`,
-    :math:`\varphi_3 = \varphi_2/h - 1/2`. The derivatives come from divided differences of
-    the data predictions at the previous one or two grid points (``history``); the first
-    steps use the lower orders that the history allows.
-    """
-    x0_prev, log_snr_prev, count = history
+def _dpm_solver_update(sde, x, x0, t, t_next, x0_prev, log_snr_prev, count, order):
+    r"""The DPM-Solver++ step of :func:`dpm_solver_step` from ``x`` at ``t`` with its data
+    prediction ``x0`` already evaluated; ``x0_prev``, ``log_snr_prev``: the last two points'."""
     alpha_next, sigma_next = sde.marginal_coeffs(t_next)
     _, sigma = sde.marginal_coeffs(t)
     log_snr, log_snr_next = sde.log_snr(t), sde.log_snr(t_next)
-    x0 = data_prediction(sde, score_fn, x, t)
 
     h = log_snr_next - log_snr
     # Past points at lambda - r0 h and lambda - (r0 + r1) h; guarded before they exist.
@@ -186,18 +172,138 @@ def dpm_solver_step(sde, score_fn, x, t, t_next, history, *, order):
     phi_1 = jnp.expm1(-h)
     phi_2 = phi_1 / h + 1.0
     phi_3 = phi_2 / h - 0.5
-    x_next = (
+    return (
         (sigma_next / sigma) * x
         - alpha_next * phi_1 * x0
         + alpha_next * phi_2 * h_x0_prime
         - alpha_next * phi_3 * h2_x0_second
     )
+
+
+def dpm_solver_step(sde, score_fn, x, t, t_next, history, *, order):
+    r"""Multistep DPM-Solver++ of order ``order`` (Lu et al. 2022, Algorithm 2, extended).
+
+    Taylor-expanding :math:`\hat x_0` in :math:`\lambda` about :math:`\lambda_t` in the exact
+    solution, with :math:`h = \lambda_{t'} - \lambda_t`,
+
+    .. math::  x_{t'} = \frac{\sigma_{t'}}{\sigma_t} x_t
+       - \alpha_{t'}\varphi_1 \hat x_0 + \alpha_{t'}\varphi_2\, h\hat x_0'
+       - \alpha_{t'}\varphi_3\, h^2 \hat x_0'',
+
+    :math:`\varphi_1 = e^{-h} - 1`, :math:`\varphi_2 = \varphi_1/h + 1`,
+    :math:`\varphi_3 = \varphi_2/h - 1/2`. The derivatives come from divided differences of
+    the data predictions at the previous one or two grid points (``history``); the first
+    steps use the lower orders that the history allows.
+    """
+    x0_prev, log_snr_prev, count = history
+    x0 = data_prediction(sde, score_fn, x, t)
+    x_next = _dpm_solver_update(sde, x, x0, t, t_next, x0_prev, log_snr_prev, count, order)
     history = (
         jnp.stack([x0, x0_prev[0]]),
-        jnp.stack([log_snr, log_snr_prev[0]]),
+        jnp.stack([sde.log_snr(t), log_snr_prev[0]]),
         count + 1,
     )
     return x_next, history
+
+
+def _unic_coefficients(h: jax.Array, ratios: list[jax.Array], variant: str) -> jax.Array:
+    r"""UniC's weights :math:`a_p` (Zhao et al. 2023, eq. 8 and Algorithm 2), ``p = len(ratios)``.
+
+    ``ratios`` are :math:`r_m = (\lambda_{s_m} - \lambda_{s_0})/h`, the past points' then
+    the new point's (:math:`r_p = 1`). Row :math:`k` of :math:`R_p` is
+    :math:`(r_1^{k-1}, \dots, r_p^{k-1})`, and :math:`a_p = R_p^{-1} g_p / B(h)` with
+    :math:`g_k = k!\,\psi_k(-h)`, the Taylor remainders :math:`\psi_1(z) = (e^z - 1)/z - 1`,
+    :math:`\psi_{k+1}(z) = \psi_k(z)/z - 1/(k+1)!`; ``bh1``: :math:`B(h) = -h`, ``bh2``:
+    :math:`B(h) = e^{-h} - 1`. For ``p = 1`` the paper takes :math:`a_1 = 1/2`.
+    """
+    if len(ratios) == 1:
+        return jnp.full((1,), 0.5, h.dtype)
+    hh = -h
+    b_h = hh if variant == "bh1" else jnp.expm1(hh)
+    psi, factorial, rhs = jnp.expm1(hh) / hh - 1.0, 1.0, []
+    for k in range(len(ratios)):
+        rhs.append(psi * factorial / b_h)
+        factorial *= k + 2
+        psi = psi / hh - 1.0 / factorial
+    r = jnp.stack(ratios)
+    matrix = jnp.stack([r**k for k in range(len(ratios))])
+    return jnp.linalg.solve(matrix, jnp.stack(rhs))
+
+
+def _unic_correct(sde, x_prev, t_prev, x0_prev, log_snr_prev, x0, t, count, order, variant):
+    r"""UniC-:math:`p` (Zhao et al. 2023, Algorithm 2 in data prediction, eq. 8): corrects the
+    predicted :math:`\tilde x_t` from :math:`x_{s_0}` (``x_prev`` at ``t_prev``) with the new
+    data prediction :math:`\hat x_0(\tilde x_t, t)` (``x0``), reusing it, no new evaluation:
+
+    .. math::  x_t^c = \frac{\sigma_t}{\sigma_{s_0}} x_{s_0} - \alpha_t \varphi_1 m_0
+       - \alpha_t B(h) \Big(\sum_{m=1}^{p-1} a_m D_m + a_p (\hat x_0 - m_0)\Big),
+
+    :math:`m_0 = \hat x_0(x_{s_0})`, :math:`D_m = (m_m - m_0)/r_m` from the ``p - 1`` points
+    before :math:`s_0`, :math:`\varphi_1 = e^{-h} - 1`, and ``p = min(order, count)``: the
+    order of the predictor step being corrected.
+    """
+    alpha, sigma = sde.marginal_coeffs(t)
+    _, sigma_prev = sde.marginal_coeffs(t_prev)
+    log_snr_s0 = log_snr_prev[0]
+    h = sde.log_snr(t) - log_snr_s0
+    m0 = x0_prev[0]
+    # r_m of the points before s_0 (negative); placeholders where the history is too short,
+    # so that every R_p stays invertible (their corrections are discarded below).
+    ratios = [jnp.where(count > m, (log_snr_prev[m] - log_snr_s0) / h, -float(m)) for m in (1, 2)]
+    differences = [(x0_prev[m] - m0) / ratios[m - 1] for m in (1, 2)]
+    linear = (sigma / sigma_prev) * x_prev - alpha * jnp.expm1(-h) * m0
+    b_h = -h if variant == "bh1" else jnp.expm1(-h)
+    corrected = {}
+    for p in range(1, order + 1):
+        weights = _unic_coefficients(h, ratios[: p - 1] + [jnp.ones_like(h)], variant)
+        correction = weights[-1] * (x0 - m0)
+        for m in range(1, p):
+            correction = correction + weights[m - 1] * differences[m - 1]
+        corrected[p] = linear - alpha * b_h * correction
+    x_corrected = corrected[1]
+    for p in range(2, order + 1):
+        x_corrected = jnp.where(count >= p, corrected[p], x_corrected)
+    return x_corrected
+
+
+def unipc_step(sde, score_fn, x, t, t_next, history, *, order, variant):
+    r"""UniPC (Zhao et al. 2023): the UniC-:math:`p` corrector on the DPM-Solver++(pM)
+    predictor, data prediction, 1 evaluation per step.
+
+    The data prediction at the predicted :math:`\tilde x_t` first corrects it
+    (:func:`_unic_correct`, order :math:`p + 1`) and is then reused by the multistep
+    DPM-Solver++ predictor (:func:`dpm_solver_step`) from the corrected :math:`x_t^c` to
+    ``t_next``. The last step is not corrected (that would need one more evaluation), as in
+    the paper. ``history``: data predictions and log-SNRs at the last three grid points,
+    the corrected point and time before ``t``, and the number of steps taken.
+    """
+    x0_prev, log_snr_prev, x_prev, t_prev, count = history
+    x0 = data_prediction(sde, score_fn, x, t)
+    corrected = _unic_correct(
+        sde, x_prev, t_prev, x0_prev, log_snr_prev, x0, t, count, order, variant
+    )
+    x = jnp.where(count >= 1, corrected, x)
+    x_next = _dpm_solver_update(sde, x, x0, t, t_next, x0_prev, log_snr_prev, count, order)
+    history = (
+        jnp.concatenate([x0[None], x0_prev[:-1]]),
+        jnp.concatenate([sde.log_snr(t)[None], log_snr_prev[:-1]]),
+        x,
+        t,
+        count + 1,
+    )
+    return x_next, history
+
+
+def _unipc_history(x: jax.Array):
+    """Data predictions and log-SNRs at the last three grid points, the last corrected
+    point and its time (placeholders, unused until they exist), and the step count."""
+    return (
+        jnp.zeros((3,) + x.shape, x.dtype),
+        jnp.zeros((3,), x.dtype),
+        jnp.zeros_like(x),
+        jnp.ones((), x.dtype),
+        jnp.zeros((), jnp.int32),
+    )
 
 
 def _no_history(x: jax.Array):
@@ -226,6 +332,19 @@ FIXED_STEP_SOLVERS: dict[str, tuple[Callable, Callable, int, str]] = {
         1,
         "uniform_log_snr",
     ),
+} | {
+    f"unipc_{order}{suffix}": (
+        functools.partial(unipc_step, order=order, variant=variant),
+        _unipc_history,
+        1,
+        "uniform_log_snr",
+    )
+    for order, suffix, variant in (
+        (1, "", "bh1"),
+        (1, "_bh2", "bh2"),
+        (2, "", "bh1"),
+        (3, "", "bh1"),
+    )
 }
 METHODS: tuple[str, ...] = ("adaptive", *FIXED_STEP_SOLVERS)
 

@@ -15,6 +15,8 @@ with ``n = sde.N`` they are exactly DDPM's and SMLD's samplers; the score is eva
 
 **Probability-flow ODE** (``ode_sample``): see :mod:`diffusion_sde.ode_solvers`.
 
+**Few-step reverse SDE** (``sde_sample``): see :mod:`diffusion_sde.sde_solvers`.
+
 Randomness: ``key`` is split once into a prior key and a loop key; step ``i`` uses
 ``fold_in(loop_key, i)``, split into a corrector key (folded again with the corrector
 move ``j``) and a predictor key. Independent implementations can thus replay the noise.
@@ -29,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion_sde import ode_solvers
+from diffusion_sde import ode_solvers, sde_solvers
 from diffusion_sde.sde import SDE, VESDE, VPSDE, ScoreFn, batch_broadcast, subVPSDE
 
 
@@ -442,6 +444,78 @@ def _ode_loop(key, sde, score_fn, shape, method, num_steps, rtol, atol, eps, den
     return x, adaptive_nfe
 
 
+# --- Few-step reverse-SDE solvers ---------------------------------------------------------
+
+
+def sde_sample(
+    key: jax.Array,
+    sde: SDE,
+    score_fn: ScoreFn,
+    shape: tuple[int, ...],
+    *,
+    method: str = "dpm_solver_2_sde",
+    num_steps: int | None = None,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    eps: float = 1e-3,
+    denoise: bool = True,
+    time_grid: str | None = None,
+) -> tuple[jax.Array, jax.Array | int]:
+    r"""Sample the reverse SDE :math:`dx = [f - g^2 s]\,dt + g\,d\bar w` from
+    :math:`x_T \sim p_T` down to :math:`t = \epsilon` with a few-step solver.
+
+    Args:
+      key: PRNG key, split into the prior's and the loop's; step (or attempt) ``i`` draws
+        its noise from ``fold_in(loop_key, i)``.
+      sde, score_fn, shape: as in ``pc_sample``.
+      method: one of ``sde_solvers.METHODS``: ``dpm_solver_1_sde``, ``dpm_solver_2_sde``
+        (SDE-DPM-Solver++(1) and (2M)), ``adaptive`` (Jolicoeur-Martineau et al. 2021 with
+        one step size for the batch), ``adaptive_per_example`` (theirs, one per example).
+      num_steps: steps of a fixed-step method; ``None`` means ``sde.N``. Ignored by
+        ``adaptive``.
+      rtol, atol: ``adaptive``'s tolerances (the paper's :math:`\epsilon_{rel}` and
+        :math:`\epsilon_{abs}`; its defaults for data in [-1, 1]).
+      eps: the final time.
+      denoise: fixed-step methods: the last step without its noise (no extra evaluation,
+        as ``pc_sample``); ``adaptive``: Tweedie's denoiser at :math:`\epsilon` (one more
+        evaluation, as the paper).
+      time_grid: one of ``ode_solvers.TIME_GRIDS``; ``None`` picks the method's default.
+
+    Returns:
+      ``(samples, nfe)``; ``nfe`` a Python int for fixed-step methods and a scalar array
+      (2 per attempted step, + 1 for ``denoise``) for ``adaptive``.
+    """
+    num_steps = sde.N if num_steps is None else num_steps
+    sde_solvers.check_method(method, time_grid)
+    samples, adaptive_nfe = _sde_loop(
+        key, sde, score_fn, tuple(shape), method, num_steps, rtol, atol, eps, denoise, time_grid
+    )
+    if method in sde_solvers.ADAPTIVE_SOLVERS:
+        return samples, adaptive_nfe + int(denoise)
+    return samples, sde_solvers.fixed_step_nfe(method, num_steps)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("score_fn", "shape", "method", "num_steps", "denoise", "time_grid")
+)
+def _sde_loop(key, sde, score_fn, shape, method, num_steps, rtol, atol, eps, denoise, time_grid):
+    prior_key, loop_key = jax.random.split(key)
+    x = sde.prior_sampling(prior_key, shape)
+    if method in sde_solvers.ADAPTIVE_SOLVERS:
+        x, nfe = sde_solvers.solve_adaptive(
+            sde, score_fn, x, loop_key, eps=eps, rtol=rtol, atol=atol,
+            per_example=sde_solvers.ADAPTIVE_SOLVERS[method],
+        )  # fmt: skip
+        if denoise:
+            x = ode_solvers.tweedie_denoise(sde, score_fn, x, eps)
+        return x, nfe
+    noise_fn = lambda i, y: _normal(jax.random.fold_in(loop_key, i), y)
+    x = sde_solvers.solve_fixed_step(
+        method, sde, score_fn, x, noise_fn, num_steps, eps, time_grid, denoise
+    )
+    return x, None
+
+
 # --- From a config -----------------------------------------------------------------------
 
 # The last sampling time when the config gives none, as in the 2021 reference: VE models
@@ -465,7 +539,8 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
 
     Fields (the 2021 reference's names first; a missing optional field takes the default):
 
-    - ``method``: ``'pc'`` (``pc_sample``) or ``'ode'`` (``ode_sample``).
+    - ``method``: ``'pc'`` (``pc_sample``), ``'ode'`` (``ode_sample``) or ``'sde'``
+      (``sde_sample``).
     - ``noise_removal`` (bool, default True): ``denoise``.
     - ``num_steps`` (default None = ``sde.N``), ``eps`` (default :func:`default_eps`: 1e-5
       for VE, 1e-3 for VP and sub-VP, as the 2021 reference).
@@ -473,6 +548,8 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
       (default False).
     - ode: ``ode_method`` (default ``'adaptive'``), ``rtol``, ``atol`` (default 1e-5),
       ``time_grid`` (default None = the method's own).
+    - sde: ``sde_method`` (default ``'dpm_solver_2_sde'``), ``sde_rtol`` (0.05), ``sde_atol``
+      (0.0078) of ``adaptive``, ``time_grid``.
 
     Names and combinations are validated here, so a typo or an undefined combination
     fails before anything is compiled.
@@ -513,4 +590,14 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
         )
         ode_solvers.check_method(kwargs["method"], kwargs["time_grid"])
         return lambda key, score_fn: ode_sample(key, sde, score_fn, shape, **kwargs)
-    raise ValueError(f"Unknown sampling.method {method!r}; valid: ['ode', 'pc']")
+    if method == "sde":
+        kwargs = dict(
+            method=field("sde_method", "dpm_solver_2_sde").lower(),
+            rtol=field("sde_rtol", 0.05),
+            atol=field("sde_atol", 0.0078),
+            time_grid=field("time_grid", None),
+            **common,
+        )
+        sde_solvers.check_method(kwargs["method"], kwargs["time_grid"])
+        return lambda key, score_fn: sde_sample(key, sde, score_fn, shape, **kwargs)
+    raise ValueError(f"Unknown sampling.method {method!r}; valid: ['ode', 'pc', 'sde']")

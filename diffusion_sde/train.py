@@ -36,7 +36,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_sde import data as data_lib
-from diffusion_sde import losses, plotting, sampling
+from diffusion_sde import errors, losses, plotting, sampling
+from diffusion_sde import workdir as workdir_lib
 from diffusion_sde.models import continuous_labels, get_model, get_score_fn
 from diffusion_sde.sde import get_sde
 
@@ -148,6 +149,7 @@ def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
         keep_period=config.training.snapshot_freq,
         create=True,
         enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,  # a save cut by a kill leaves a *-tmp folder
     )
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
@@ -175,7 +177,7 @@ def check_state_spec(workdir: pathlib.Path, abstract_state, *, write: bool) -> N
                 (f"{a} vs {b}" for a, b in zip(saved, spec, strict=False) if a != b),
                 f"{len(saved)} vs {len(spec)} arrays",
             )
-            raise ValueError(
+            raise errors.ConfigError(
                 f"The checkpoints in {workdir} do not fit this config's model and optimizer "
                 f"(first difference, saved vs now: {difference}). Use the config that wrote "
                 "them (config.json in the workdir) or a new --workdir."
@@ -209,7 +211,10 @@ def restore_latest(
                 logging.warning("Moved it to %s; trying the previous checkpoint.", target)
                 manager.reload()
     if steps and not set_aside_unreadable:
-        raise RuntimeError(f"None of the checkpoints {steps} in {manager.directory} is readable.")
+        raise errors.MissingCheckpointError(
+            f"None of the checkpoints {steps} in {manager.directory} is readable; rerun "
+            "--mode=train on this workdir (it sets unreadable checkpoints aside)."
+        )
     return None, None
 
 
@@ -271,10 +276,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Train a score model as ``config`` says, writing everything under ``workdir``.
 
     Resumes from the newest checkpoint in ``workdir/checkpoints`` when there is one.
-    Returns the final :class:`losses.TrainState`.
+    One run at a time: a second run on the same workdir stops with an error naming the
+    first (``workdir.RunLock``). Returns the final :class:`losses.TrainState`.
     """
+    workdir = workdir_lib.prepare(workdir)
+    with workdir_lib.RunLock(workdir, enabled=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Any:
     # --- Set-up -------------------------------------------------------------------------
-    workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
     is_main = jax.process_index() == 0
     (workdir / "samples").mkdir(parents=True, exist_ok=True)
     if is_main:
@@ -284,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # n_iters need not be a multiple: like the reference, the last call may run past it.
     for name in ("snapshot_freq", "snapshot_freq_for_preemption"):
         if training[name] % n_jitted:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"training.{name} ({training[name]}) must be a multiple of "
                 f"training.n_jitted_steps ({n_jitted})."
             )
@@ -292,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # --- Mesh ---------------------------------------------------------------------------
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     if training.batch_size % mesh.size:
-        raise ValueError(
+        raise errors.ConfigError(
             f"training.batch_size={training.batch_size} does not divide over {mesh.size} "
             f"devices; use a multiple of {mesh.size} (e.g. "
             f"{math.ceil(training.batch_size / mesh.size) * mesh.size})."
@@ -309,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     data_classes = data_lib.num_classes(config.data)
     if conditional and config.model.num_classes != data_classes:
         has = f"has {data_classes} classes" if data_classes else "has no class labels"
-        raise ValueError(
+        raise errors.ConfigError(
             f"model.num_classes={config.model.num_classes} but {config.data.dataset} {has}; "
             "set model.num_classes to the number of classes, or 0 for an unconditional model."
         )
@@ -338,6 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     start_step = int(state.step)
     if is_main:
         logging.info("Starting at step %d (restored: %s).", start_step, restored_step)
+        # Lines a kill cut, and those of steps after the checkpoint, which are run again.
+        workdir_lib.repair_jsonl(workdir / "metrics.jsonl", through_step=start_step)
 
     # --- Step function: n_jitted_steps optimisation steps per call ----------------------
     train_steps = get_train_steps(config, sde, model, optimizer, mesh)
@@ -409,8 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         nonlocal last_saved, history
         _check_finite(jax.device_get(history), last_saved)
         history = []
-        manager.save(step, args=ocp.args.StandardSave(state), force=force)
-        manager.wait_until_finished()
+        workdir_lib.save_checkpoint(manager, step, state, force=force, last_step=last_saved)
         last_saved = step
 
     with _Interrupted() as interrupted:

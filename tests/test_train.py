@@ -270,6 +270,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     (step_a, a), (step_b, b) = _final_params(tmp_path / "straight"), _final_params(killed)
     assert step_a == step_b == n_iters
     jax.tree.map(np.testing.assert_array_equal, a, b)
+    # metrics.jsonl stays JSON lines, each step once: the lines the killed run wrote past
+    # its checkpoint (or cut) are dropped on resume and written again.
+    logged = lambda p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+    steps = lambda p: [r["step"] for r in logged(p) if "loss" in r]
+    assert steps(killed) == steps(tmp_path / "straight") == list(range(5, n_iters + 1, 5))
 
 
 WORKER = """
