@@ -17,22 +17,27 @@ network that ``config.model`` builds, parameter for parameter:
                       network (``all_modules.*`` names)
 ``diffusers``         diffusers' ``UNet2DModel`` safetensors           a safetensors parser
                       (``google/ddpm-cifar10-32``)                     (no torch)
+``edm``               EDM's ``VPPrecond`` DDPM++ ``SongUNet``          the restricted
+                      (``baseline-cifar10-32x32-uncond-vp``) exported  unpickler
+                      as ``{precond, state_dict}``
 ===================== =============================================== ======================
 
-Files of EDM (Karras et al. 2022: pickles of a ``SongUNet`` under an EDM preconditioner,
-and state dicts exported from them), of openai's consistency models and of diffusers'
-NCSN++ port are recognised and refused with an error that says what differs (see
-:data:`REFUSED`). Torch is never imported: ``torch.save`` files are zip archives of a
-pickle and raw storages, read here with an unpickler that only builds tensors and
-ordered dicts (anything else in the pickle is an error, so a file cannot run code).
+EDM's pickles themselves (unpickling runs EDM's code), EDM's other preconditioners
+(``edm-cifar10-32x32-*``, the VE baseline), NCSNv2, openai's consistency models and
+diffusers' NCSN++ port are recognised and refused with an error that says what differs
+(see :data:`REFUSED` and :data:`EDM_EXPORT_COMMAND`). Torch is never imported:
+``torch.save`` files are zip archives of a pickle and raw storages, read here with an
+unpickler that only builds tensors and ordered dicts (anything else in the pickle is an
+error, so a file cannot run code).
 
 The map from the source's parameter names to ours is explicit and printable
 (:func:`name_table`): our network's top-level modules in the order it calls them are paired
 with the source's, in the source's own order (``all_modules.<k>`` of score_sde_pytorch,
-Flax auto-names ``<Class>_<k>`` of score_sde, diffusers' block names); inside a module
-the names follow :data:`INNER_NAMES`, and arrays are converted by :data:`TRANSFORMS`
-(PyTorch's ``OIHW`` convolutions to ``HWIO``, ``(out, in)`` linears to ``(in, out)``,
-score_sde's ``NIN`` matrices to 1x1 convolutions).
+Flax auto-names ``<Class>_<k>`` of score_sde, diffusers' and EDM's block names, written
+out by :func:`_diffusers_prefixes` and :func:`_edm_prefixes`); inside a module the names
+follow :data:`INNER_NAMES`, and arrays are converted by :data:`TRANSFORMS` (PyTorch's
+``OIHW`` convolutions to ``HWIO``, ``(out, in)`` linears to ``(in, out)``, score_sde's
+``NIN`` matrices to 1x1 convolutions, EDM's fused ``qkv`` split into q, k and v).
 
 Two model options exist only to load checkpoints exactly (both in the cifar10 configs):
 ``model.fourier_in_params=True`` keeps NCSN++'s Fourier frequencies as the parameter
@@ -123,6 +128,15 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
     itemsize = storage.dtype.itemsize
     if not size:
         return np.array(storage[storage_offset])
+    if any(n == 0 for n in size):
+        return np.zeros(tuple(size), storage.dtype)
+    # as_strided does not check bounds: a tensor must lie inside its storage.
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if storage_offset < 0 or min(stride) < 0 or last >= storage.size:
+        raise FormatError(
+            f"a tensor of shape {tuple(size)} reaches past its storage of {storage.size} "
+            "elements (a truncated or corrupt torch file)"
+        )
     return np.lib.stride_tricks.as_strided(
         storage[storage_offset:], shape=tuple(size), strides=[s * itemsize for s in stride]
     ).copy()
@@ -163,9 +177,11 @@ class _TorchUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid):
-        kind, storage_type, key, _location, numel = pid
-        if kind != "storage":
-            raise FormatError(f"{self._source}: unknown persistent id {kind!r} in the pickle")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise FormatError(f"{self._source}: unknown persistent id {pid!r} in the pickle")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise FormatError(f"{self._source}: a storage of unknown type {storage_type!r}")
         if key not in self._storages:
             try:
                 raw = self._archive.read(f"{self._prefix}data/{key}")
@@ -211,7 +227,16 @@ def read_torch(path: str | pathlib.Path) -> Any:
             return _TorchUnpickler(
                 io.BytesIO(archive.read(pickles[0])), archive, prefix, str(path)
             ).load()
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            zipfile.BadZipFile,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+        ) as error:
             if isinstance(error, CheckpointError):
                 raise
             raise FormatError(f"{path}: unreadable torch pickle ({error}); truncated?") from error
@@ -298,7 +323,7 @@ def _flatten(tree: Mapping, separator: str, prefix: str = "") -> dict[str, np.nd
 class SourceWeights:
     """A checkpoint's arrays by their source names: ``raw`` (the trained weights), ``ema``
     (their exponential moving average, or None), ``step`` and ``dialect`` (which naming:
-    ``'torch'``, ``'flax'`` or ``'diffusers'``)."""
+    ``'torch'``, ``'flax'``, ``'diffusers'`` or ``'edm'``)."""
 
     raw: dict[str, np.ndarray]
     ema: dict[str, np.ndarray] | None
@@ -309,20 +334,24 @@ class SourceWeights:
 # Recognised and refused: what differs from the networks here.
 REFUSED = {
     "edm_pickle": (
-        "an EDM network pickle: unpickling it runs EDM's code, so it is not read. EDM's "
-        "VP/VE baselines (baseline-cifar10-32x32-uncond-vp/ve) are score_sde's DDPM++/NCSN++ "
-        "re-trained in EDM's SongUNet, whose layers are named and laid out differently "
-        "(UNetBlock with fused qkv attention and learnt resampling filters), and "
-        "edm-cifar10-32x32-* are trained under EDM's preconditioning (c_skip, c_out, c_in, "
-        "c_noise = log(sigma)/4), which no score function here applies. Neither is mapped. "
-        "Load score_sde's own checkpoints of the same networks (format 'score_sde' or "
-        "'score_sde_pytorch') instead."
+        "an EDM network pickle: unpickling it runs EDM's code, so it is not read here. EDM's "
+        "baseline-cifar10-32x32-uncond-vp is score_sde's DDPM++ cont. in EDM's SongUNet under "
+        "VPPrecond, whose preconditioning is this codebase's VP adapter: export it (command "
+        "below) and load it with format 'edm'. edm-cifar10-32x32-* are trained under EDM's "
+        "preconditioning (c_skip, c_out, c_in, c_noise = log(sigma)/4) and the VE baseline "
+        "feeds c_noise = log(sigma/2); no score function here applies those, so they are "
+        "refused."
     ),
     "edm_state_dict": (
-        "a state dict of EDM's SongUNet (names map_noise/enc/dec): its UNetBlocks (fused qkv "
-        "attention, learnt resampling filters, EDM's preconditioning for edm-* models) are not "
-        "mapped onto this codebase's NCSN++/DDPM++; load score_sde's checkpoint of the same "
-        "network instead."
+        "a state dict of EDM's SongUNet (names map_noise/enc/dec): load it with format 'edm', "
+        "exported with its preconditioner's name"
+    ),
+    "ncsnv2": (
+        "an NCSNv2 (RefineNet) checkpoint: score_sde's JAX port, whose checkpoints these are, "
+        "gives its third RefineBlock 2 nf channels (33,970,563 parameters on CIFAR-10), while "
+        "this codebase's NCSNv2 follows the authors' PyTorch code (ermongroup/ncsnv2: nf "
+        "channels, 29,694,083 parameters), so the weights do not fit; NCSNv2 checkpoints are "
+        "not mapped"
     ),
     "diffusers_ncsnpp": (
         "diffusers' port of NCSN++ (UNet2DModel with skip blocks and Fourier time embedding, "
@@ -402,7 +431,12 @@ def _score_sde_flax(path: pathlib.Path) -> SourceWeights:
             f"{path} is not a score_sde checkpoint (a state with optimizer.target, "
             f"params_ema, model_state, step); it holds {keys}"
         )
-    raw = _flatten(state["optimizer"]["target"], "/")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, Mapping) or not isinstance(optimizer.get("target"), Mapping):
+        raise FormatError(f"{path}: its optimizer holds no target parameters")
+    raw = _flatten(optimizer["target"], "/")
+    if any(name.startswith("RefineBlock_") for name in raw):
+        raise FormatError(f"{path} is {REFUSED['ncsnv2']}")
     ema = _flatten(state["params_ema"], "/") if state.get("params_ema") else None
     if _flatten(state.get("model_state") or {}, "/"):
         raise FormatError(f"{path}: the model has batch statistics, which no network here has")
@@ -455,12 +489,58 @@ def _diffusers(path: pathlib.Path) -> SourceWeights:
     return SourceWeights(tensors, None, 0, "diffusers")
 
 
+# What EDM's preconditioners wrap their network in; only VPPrecond is score_sde's VP model.
+_EDM_PRECONDITIONING = {
+    "VPPrecond": None,
+    "VEPrecond": (
+        "VEPrecond feeds its NCSN++ c_noise = log(sigma / 2) (score_sde's embeds log sigma) "
+        "and its residual encoder resamples with a fused convolution-then-filter"
+    ),
+    "EDMPrecond": (
+        "EDMPrecond: D = c_skip x + c_out F(c_in x, log(sigma) / 4) with sigma_data = 0.5, "
+        "which no score function here applies"
+    ),
+    "iDDPMPrecond": "iDDPMPrecond (ADM network and its discrete noise levels)",
+}
+EDM_EXPORT_COMMAND = (
+    "python -c \"import pickle, torch; net = pickle.load(open('NETWORK.pkl', 'rb'))['ema']; "
+    "torch.save({'precond': type(net).__name__, 'state_dict': net.state_dict()}, 'NETWORK.pt')\" "
+    "(in EDM's repository, whose code the pickle needs)"
+)
+
+
 def _edm(path: pathlib.Path) -> SourceWeights:
-    if zipfile.is_zipfile(path):
-        state = read_torch(path)
-        if isinstance(state, Mapping) and _is_edm_state_dict(state):
-            raise FormatError(f"{path} is {REFUSED['edm_state_dict']}")
-    raise FormatError(f"{path} is {REFUSED['edm_pickle']}")
+    """An EDM network exported as ``{'precond': class name, 'state_dict': ...}`` (see
+    :data:`EDM_EXPORT_COMMAND`); only a ``VPPrecond`` around a DDPM++ ``SongUNet`` (EDM's
+    ``baseline-cifar10-32x32-uncond-vp``, score_sde's DDPM++ cont. re-packaged) is read: its
+    preconditioning is exactly the VP adapter here (c_in x is x_t, c_noise = 999 t, the
+    network predicts the noise)."""
+    if not zipfile.is_zipfile(path):
+        raise FormatError(
+            f"{path} is {REFUSED['edm_pickle']} To load an EDM VP baseline, export it first: "
+            f"{EDM_EXPORT_COMMAND}"
+        )
+    obj = read_torch(path)
+    if not (isinstance(obj, Mapping) and "precond" in obj and "state_dict" in obj):
+        raise FormatError(
+            f"{path}: an EDM export must say its preconditioner, which a bare state dict does "
+            f"not (edm-* and baseline-* networks have the same names); export with "
+            f"{EDM_EXPORT_COMMAND}"
+        )
+    precond = obj["precond"]
+    if precond not in _EDM_PRECONDITIONING:
+        raise FormatError(f"{path}: unknown EDM preconditioner {precond!r}")
+    if _EDM_PRECONDITIONING[precond] is not None:
+        raise FormatError(f"{path} is refused: {_EDM_PRECONDITIONING[precond]}.")
+    state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()}
+    if "map_noise.freqs" in state:
+        raise FormatError(f"{path}: a VPPrecond around an NCSN++ SongUNet is not mapped")
+    if "map_label.weight" in state or "map_augment.weight" in state:
+        raise FormatError(
+            f"{path}: a class-conditional or augmentation-conditioned SongUNet (map_label, "
+            "map_augment) is not mapped"
+        )
+    return SourceWeights(state, None, 0, "edm")
 
 
 def _is_consistency_models_state(state) -> bool:
@@ -537,6 +617,26 @@ INNER_NAMES: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
         "Downsample": {"Conv_0": ("conv",)},
     },
 }
+# EDM's SongUNet UNetBlock: a residual block and, in the same module, its attention (one
+# fused qkv 1x1 convolution whose output channels interleave q, k, v: channel 3c + j).
+INNER_NAMES["edm"] = {
+    "ResnetBlockBigGANpp": {
+        "GroupNorm_0": ("norm0",),
+        "Conv_0": ("conv0",),
+        "Dense_0": ("affine",),
+        "GroupNorm_1": ("norm1",),
+        "Conv_1": ("conv1",),
+        "Conv_2": ("skip",),
+    },
+    "AttnBlock": {
+        "GroupNorm_0": ("norm2",),
+        "Conv_0": ("qkv",),
+        "Conv_1": ("qkv",),
+        "Conv_2": ("qkv",),
+        "Conv_3": ("proj",),
+    },
+}
+_EDM_QKV = {"Conv_0": 0, "Conv_1": 1, "Conv_2": 2}  # q, k, v
 # score_sde's Flax class names of our modules (auto-names <Class>_<k> count per class).
 _FLAX_CLASS_NAMES = {
     "ncsnpp": {"AttnBlock": "AttnBlockpp"},
@@ -550,6 +650,9 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "nin_to_1x1": lambda a: a[None, None],  # score_sde NIN (in, out) -> 1x1 convolution
     "linear_to_1x1": lambda a: a.T[None, None],  # PyTorch linear -> 1x1 convolution
 }
+for _j, _part in enumerate("qkv"):  # EDM's fused qkv: output channels 3c + j
+    TRANSFORMS[f"{_part}_of_qkv"] = lambda a, j=_j: a[j::3]
+    TRANSFORMS[f"{_part}_of_qkv_oihw_to_hwio"] = lambda a, j=_j: a[j::3].transpose(2, 3, 1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -628,6 +731,51 @@ def _diffusers_prefixes(config: ml_collections.ConfigDict) -> list[str]:
     return [*names, "conv_norm_out", "conv_out"]
 
 
+_EDM_DDPMPP = {
+    "name": "ncsnpp",
+    "resblock_type": "biggan",
+    "progressive": "none",
+    "progressive_input": "none",
+    "embedding_type": "positional",
+    "fir": False,
+    "skip_rescale": True,
+    "conditional": True,
+    "scale_by_sigma": False,
+}
+
+
+def _edm_prefixes(config: ml_collections.ConfigDict) -> list[str]:
+    """EDM's SongUNet (DDPM++) module names, in our NCSN++ call order."""
+    for key, value in _EDM_DDPMPP.items():
+        if config.get(key) != value:
+            raise MismatchError(
+                f"EDM's DDPM++ SongUNet is our NCSN++ with model.{key}={value!r} (the config "
+                f"has {config.get(key)!r}); use configs/cifar10_ddpmpp_continuous_vp.py"
+            )
+    levels, blocks = len(config.ch_mult), config.num_res_blocks
+    attn = tuple(config.attn_resolutions)
+    res = [config.image_size >> level for level in range(levels)]
+    names = ["map_layer0", "map_layer1", f"enc.{res[0]}x{res[0]}_conv"]
+    for level in range(levels):
+        r = res[level]
+        for i in range(blocks):
+            names.append(f"enc.{r}x{r}_block{i}")
+            if r in attn:
+                names.append(f"enc.{r}x{r}_block{i}")  # its attention
+        if level != levels - 1:
+            names.append(f"enc.{res[level + 1]}x{res[level + 1]}_down")
+    r = res[-1]
+    names += [f"dec.{r}x{r}_in0", f"dec.{r}x{r}_in0", f"dec.{r}x{r}_in1"]
+    for level in reversed(range(levels)):
+        r = res[level]
+        names += [f"dec.{r}x{r}_block{i}" for i in range(blocks + 1)]
+        if r in attn:
+            names.append(f"dec.{r}x{r}_block{blocks}")  # attention in the last block only
+        if level != 0:
+            names.append(f"dec.{res[level - 1]}x{res[level - 1]}_up")
+    return [*names, f"dec.{res[0]}x{res[0]}_aux_norm", f"dec.{res[0]}x{res[0]}_aux_conv"]
+
+
 def _source_leaf(dialect: str, our_leaf: str, inner_source: str, ndim: int, our_ndim: int):
     """The source's array name inside a module, and the transform to ours."""
     nin = inner_source.split(".")[-1].startswith("NIN")
@@ -652,6 +800,14 @@ def _source_leaf(dialect: str, our_leaf: str, inner_source: str, ndim: int, our_
 def _pair_modules(config, dialect: str, source_names, calls, params) -> list[tuple[str, str, str]]:
     """``(our module, its class, the source's module prefix)`` for our modules with params."""
     with_params = [(name, cls) for name, cls in calls if name in params]
+    if dialect == "edm":
+        prefixes = _edm_prefixes(config)
+        if len(prefixes) != len(with_params):
+            raise MismatchError(
+                f"the config's network has {len(with_params)} modules with parameters, EDM's "
+                f"SongUNet layout for it {len(prefixes)}"
+            )
+        return [(n, c, p) for (n, c), p in zip(with_params, prefixes, strict=True)]
     if dialect == "diffusers":
         if config.name != "ddpm":
             raise MismatchError(
@@ -714,10 +870,16 @@ def _pair_modules(config, dialect: str, source_names, calls, params) -> list[tup
 def _table(config, weights: SourceWeights, data_shape) -> list[Entry]:
     from diffusion_sde.models import get_model
 
+    if config.name not in ("ncsnpp", "ddpm"):
+        reason = REFUSED["ncsnv2"] if config.name == "ncsnv2" else "not a published network"
+        raise MismatchError(
+            f"checkpoints load into model.name 'ncsnpp' (NCSN++, DDPM++) or 'ddpm'; "
+            f"{config.name!r} is {reason}"
+        )
     model = get_model(config)
     params, calls = _children_in_call_order(model, data_shape, config.get("num_classes", 0) > 0)
     dialect = weights.dialect
-    separator = "/" if dialect == "flax" else "."
+    separator = "/" if dialect == "flax" else "."  # torch, diffusers, edm: PyTorch names
     source_names = set(weights.raw)
     entries = []
     for name, cls, prefix in _pair_modules(config, dialect, source_names, calls, params):
@@ -735,6 +897,11 @@ def _table(config, weights: SourceWeights, data_shape) -> list[Entry]:
                     _, transform = _source_leaf(
                         dialect, leaf, inner_source, weights.raw[candidate].ndim, len(shape)
                     )
+                    if dialect == "edm" and cls == "AttnBlock" and inner[0] in _EDM_QKV:
+                        part = "qkv"[_EDM_QKV[inner[0]]]
+                        transform = f"{part}_of_qkv" + (
+                            "" if transform == "copy" else "_oihw_to_hwio"
+                        )
                     break
             if source is None:
                 raise MismatchError(
@@ -744,7 +911,7 @@ def _table(config, weights: SourceWeights, data_shape) -> list[Entry]:
                 )
             entries.append(Entry(source, (name, *path), transform, shape))
     used = {e.source for e in entries}
-    ignored = {"sigmas"}
+    ignored = {"sigmas", "resample_filter"}  # buffers: score_sde's sigmas, EDM's FIR taps
     unused = sorted(n for n in source_names - used if n.split(separator)[-1] not in ignored)
     if unused:
         raise MismatchError(

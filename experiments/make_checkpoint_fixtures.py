@@ -18,12 +18,15 @@ their code is not part of it):
   and ``get_sigmas``; the checkpoint is the msgpack that ``checkpoints.save_checkpoint``
   wrote, ``serialization.to_bytes`` of the State dataclass, rebuilt here with the same
   fields since ``flax.optim.Optimizer`` no longer exists);
-- diffusers 0.42.1 from the package registry (``UNet2DModel.save_pretrained``).
+- diffusers 0.42.1 from the package registry (``UNet2DModel.save_pretrained``);
+- EDM, github.com/NVlabs/edm at 008a4e53 (``training/networks.py``: a ``VPPrecond`` around
+  a DDPM++ ``SongUNet``, exported as ``{'precond': 'VPPrecond', 'state_dict': ...}``).
 
 Run, from the repository root (torch 2.13 CPU, diffusers 0.42.1, ml_collections in the
 first environment; this project's .venv for the second):
 
     python experiments/make_checkpoint_fixtures.py torch --score_sde_pytorch=PATH
+    python experiments/make_checkpoint_fixtures.py edm --edm=PATH  # after torch
     .venv/bin/python experiments/make_checkpoint_fixtures.py flax --score_sde=PATH
 """
 
@@ -241,15 +244,20 @@ def make_torch(score_sde_pytorch: pathlib.Path) -> None:
         ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
         for shadow in ema.shadow_params:
             shadow.add_(torch.from_numpy(0.05 * rng.standard_normal(tuple(shadow.shape))).float())
-        optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-        state = dict(optimizer=optimizer, model=model, ema=ema, step=17)
-        save_checkpoint(str(OUT / f"{name}.pth"), state)
-
         x, time_cond = inputs(name, seed)
         x_torch = torch.from_numpy(x).permute(0, 3, 1, 2)
         labels = torch.from_numpy(time_cond)
         if not config.training.continuous:
             labels = labels.long()
+        # One Adam step, so that the file holds an optimizer state as a trained one does
+        # (not for the DDPM, whose moments would double the largest fixture).
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+        if name != "ddpm":
+            model(x_torch, labels).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        state = dict(optimizer=optimizer, model=model, ema=ema, step=17)
+        save_checkpoint(str(OUT / f"{name}.pth"), state)
         model.eval()
         with torch.no_grad():
             out_raw = model(x_torch, labels).permute(0, 2, 3, 1).numpy()
@@ -325,6 +333,99 @@ def make_diffusers() -> None:
     }
     (OUT / "diffusers_ddpm.json").write_text(json.dumps(meta, indent=1) + "\n")
     print("diffusers_ddpm", out.shape)
+
+
+def make_edm(edm: pathlib.Path) -> None:
+    """EDM's VPPrecond around a DDPM++ SongUNet (the layout of baseline-cifar10-32x32-uncond-vp),
+    exported as the error message of diffusion_sde.checkpoints tells (preconditioner class
+    name and state dict), with the network's outputs F(x_in, c_noise) and the preconditioned
+    denoiser's D(x, sigma)."""
+    import torch
+
+    sys.path.insert(0, str(edm))
+    from training import networks
+
+    fields = model_fields("ddpmpp_vp")
+    net = networks.VPPrecond(
+        img_resolution=IMAGE_SIZE,
+        img_channels=CHANNELS,
+        label_dim=0,
+        model_type="SongUNet",
+        model_channels=fields["nf"],
+        channel_mult=fields["ch_mult"],
+        num_blocks=fields["num_res_blocks"],
+        attn_resolutions=fields["attn_resolutions"],
+        dropout=0.0,
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+    )
+    rng = np.random.default_rng(11)
+    with torch.no_grad():
+        for pname, p in net.named_parameters():
+            p.copy_(
+                torch.from_numpy(random_value(rng, pname, tuple(p.shape), 1.0).astype(np.float32))
+            )
+    torch.save(
+        {"precond": type(net).__name__, "state_dict": net.state_dict()}, OUT / "edm_ddpmpp_vp.pt"
+    )
+    x, time_cond = inputs("ddpmpp_vp", 11)  # x in [-1, 1], time_cond = c_noise = 999 t
+    sigma = np.array([0.05, 1.0, 20.0], np.float32)
+    net.eval()
+    with torch.no_grad():
+        x_torch = torch.from_numpy(x).permute(0, 3, 1, 2)
+        out = net.model(x_torch, torch.from_numpy(time_cond), class_labels=None)
+        denoised = net(x_torch, torch.from_numpy(sigma))
+    np.savez(
+        OUT / "edm_ddpmpp_vp.npz",
+        x=x,
+        time_cond=time_cond,
+        out_raw=out.permute(0, 2, 3, 1).numpy(),
+        sigma=sigma,
+        denoised=denoised.permute(0, 2, 3, 1).numpy(),
+    )
+    meta = {
+        "format": "edm",
+        "file": "edm_ddpmpp_vp.pt",
+        "source": "EDM 008a4e53",
+        "image_size": IMAGE_SIZE,
+        "model": fields,
+    }
+    (OUT / "edm_ddpmpp_vp.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print("edm_ddpmpp_vp", out.shape)
+
+    # The full-size layout of baseline-cifar10-32x32-uncond-vp: score_sde's DDPM++ cont.
+    # (nf 128, ch_mult 1,2,2,2, 4 blocks, attention at 16) as a SongUNet under VPPrecond.
+    import gzip
+
+    full = networks.VPPrecond(
+        img_resolution=32,
+        img_channels=3,
+        label_dim=0,
+        model_type="SongUNet",
+        model_channels=128,
+        channel_mult=[1, 2, 2, 2],
+        num_blocks=4,
+        attn_resolutions=[16],
+        dropout=0.1,
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+    )
+    with gzip.open(OUT / "published_shapes.json.gz", "rt") as file:
+        shapes = json.load(file)
+    shapes["edm/baseline-cifar10-32x32-uncond-vp"] = dict(
+        config="cifar10_ddpmpp_continuous_vp",
+        state_dict={k: list(v.shape) for k, v in full.state_dict().items()},
+        trainable=sum(p.numel() for p in full.parameters()),
+    )
+    with gzip.open(OUT / "published_shapes.json.gz", "wt") as file:
+        json.dump(shapes, file)
+    print("baseline-vp", shapes["edm/baseline-cifar10-32x32-uncond-vp"]["trainable"])
 
 
 # Published score_sde_pytorch checkpoints: their source config and our config that loads each.
@@ -490,12 +591,15 @@ def make_flax(score_sde: pathlib.Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("which", choices=["torch", "flax"])
+    parser.add_argument("which", choices=["torch", "flax", "edm"])
     parser.add_argument("--score_sde_pytorch", type=pathlib.Path)
+    parser.add_argument("--edm", type=pathlib.Path)
     parser.add_argument("--score_sde", type=pathlib.Path)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.which == "torch":
         make_torch(args.score_sde_pytorch.resolve())
+    elif args.which == "edm":
+        make_edm(args.edm.resolve())
     else:
         make_flax(args.score_sde.resolve())
