@@ -25,10 +25,12 @@ import os
 import pathlib
 import shutil
 import socket
+import sys
 import threading
 from typing import Any
 
 import jax
+import numpy as np
 
 from diffusion_sde import errors
 
@@ -250,7 +252,12 @@ def save_checkpoint(manager, step: int, state: Any, *, force: bool = False, last
         else "no checkpoint was saved yet"
     )
     advice = f"{kept}; free some space (or give a --workdir on a larger disk) and rerun."
-    if free < needed:
+    fits = free >= needed
+    if jax.process_count() > 1:  # every process must take the same way: saving is collective
+        from jax.experimental import multihost_utils
+
+        fits = bool(np.all(multihost_utils.process_allgather(np.asarray(fits))))
+    if not fits:
         raise errors.DiskFullError(
             errno.ENOSPC,
             f"Not enough space to save the checkpoint of step {step} in {directory}: it needs "
@@ -290,10 +297,13 @@ class _Held(logging.Filter):
 @contextlib.contextmanager
 def _orbax_failure_noise_held():
     """Orbax's writer threads print a traceback each, and asyncio logs every unretrieved
-    future, when a save fails: hundreds of lines for one full disk. Hold them back while
-    saving; after a disk-full failure drop them for good (the process is about to stop
-    with one message), after any other failure let them through."""
+    future, and TensorStore's callbacks print "Event loop is closed" straight to
+    ``sys.stderr``, when a save fails: hundreds of lines for one full disk. Hold them back
+    while saving; after a disk-full failure drop them for good (the process is about to
+    stop with one message), after any other failure let them through."""
     held = _Held()
+    stderr = sys.stderr
+    sys.stderr = _TracebacksHeld(stderr)
     handlers = logging.getLogger().handlers
     previous_hook = threading.excepthook
     thread_failures = []
@@ -309,7 +319,10 @@ def _orbax_failure_noise_held():
     finally:
         if disk_full:
             threading.excepthook = _drop_disk_full(previous_hook)
+            sys.stderr.drop = True
         else:
+            held_output, sys.stderr = sys.stderr.release(), stderr
+            stderr.write(held_output)
             threading.excepthook = previous_hook
             for handler in handlers:
                 handler.removeFilter(held)
@@ -317,6 +330,59 @@ def _orbax_failure_noise_held():
                 logging.getLogger(record.name).handle(record)
             for failure in thread_failures:
                 previous_hook(failure)
+
+
+class _TracebacksHeld:
+    """``sys.stderr`` passing text through but holding back each Python traceback block
+    whose last line is a failing save's (a full disk, a closed event loop); with
+    ``drop`` set, those are discarded. Other tracebacks (ours too) are written as usual."""
+
+    _FAILED_SAVE = ("Event loop is closed", "No space left on device", "RESOURCE_EXHAUSTED")
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._block: list[str] | None = None
+        self._partial = ""
+        self.held: list[str] = []
+        self.drop = False
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            self._line(line + "\n")
+        if self._block is None and self._partial and not "Traceback".startswith(self._partial):
+            self._stream.write(self._partial)  # a progress bar's \r-line, an unended line
+            self._partial = ""
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if self._block is None:
+            if line.startswith("Traceback (most recent call last):"):
+                self._block = [line]
+            else:
+                self._stream.write(line)
+            return
+        self._block.append(line)
+        if line.startswith((" ", "\t")):
+            return
+        block, self._block = "".join(self._block), None  # the exception's line ends it
+        if not any(failure in line for failure in self._FAILED_SAVE):
+            self._stream.write(block)
+        elif not self.drop:
+            self.held.append(block)
+
+    def release(self) -> str:
+        """Everything held back, and what is not written yet."""
+        pending = "".join(self._block or []) + self._partial
+        self._block, self._partial = None, ""
+        return "".join(self.held) + pending
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _drop_disk_full(previous_hook):

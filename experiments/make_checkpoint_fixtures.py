@@ -244,15 +244,20 @@ def make_torch(score_sde_pytorch: pathlib.Path) -> None:
         ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
         for shadow in ema.shadow_params:
             shadow.add_(torch.from_numpy(0.05 * rng.standard_normal(tuple(shadow.shape))).float())
-        optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-        state = dict(optimizer=optimizer, model=model, ema=ema, step=17)
-        save_checkpoint(str(OUT / f"{name}.pth"), state)
-
         x, time_cond = inputs(name, seed)
         x_torch = torch.from_numpy(x).permute(0, 3, 1, 2)
         labels = torch.from_numpy(time_cond)
         if not config.training.continuous:
             labels = labels.long()
+        # One Adam step, so that the file holds an optimizer state as a trained one does
+        # (not for the DDPM, whose moments would double the largest fixture).
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+        if name != "ddpm":
+            model(x_torch, labels).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        state = dict(optimizer=optimizer, model=model, ema=ema, step=17)
+        save_checkpoint(str(OUT / f"{name}.pth"), state)
         model.eval()
         with torch.no_grad():
             out_raw = model(x_torch, labels).permute(0, 2, 3, 1).numpy()

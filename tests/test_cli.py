@@ -186,6 +186,7 @@ def user_errors(tmp_path_factory):
     (tmp / "broken.py").write_text("def get_config(:\n    pass\n")
     cases = {name: [arg.format(tmp=tmp) for arg in args] for name, (args, _) in CASES.items()}
     cases["syntax error"] = [f"--config={tmp}/broken.py", f"--workdir={tmp}/w"]
+    cases["debug"] = [TOY, f"--workdir={tmp}/w", "--config.training.sde=vpsd", "--debug"]
     jobs = [(argv, str(tmp / f"stderr_{i}")) for i, argv in enumerate(cases.values())]
     runner = run_main(json.dumps(jobs), prefix=("-c", FORK_RUNNER))
     assert runner.returncode == 0, runner.stderr[-3000:]
@@ -220,8 +221,8 @@ def test_a_user_error_through_python_m(tmp_path):
     )
 
 
-def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
-    result = run_main(TOY, f"--workdir={tmp_path}", "--config.training.sde=vpsd", "--debug")
+def test_debug_shows_the_traceback_of_a_user_error(user_errors):
+    result = user_errors[1]["debug"]
     assert result.returncode != 0 and "Traceback" in result.stderr
     assert "ConfigError: training.sde='vpsd'" in result.stderr
 
@@ -520,6 +521,9 @@ class _FailingManager:
         thread = threading.Thread(target=writer)
         thread.start()
         thread.join()
+        # As TensorStore's callbacks print it, straight to sys.stderr.
+        sys.stderr.write('Traceback (most recent call last):\n  File "asyncio/base_events.py"')
+        sys.stderr.write("\nRuntimeError: Event loop is closed\n")
         raise ValueError(message)
 
     def wait_until_finished(self):
@@ -530,16 +534,19 @@ def test_failed_save_removes_the_partial_checkpoint_quietly(tmp_path, capfd):
     directory = tmp_path / "checkpoints"
     (directory / "10").mkdir(parents=True)
     (directory / "10" / "data").write_bytes(b"0" * 1000)
-    previous_hook = threading.excepthook
+    previous_hook, stderr = threading.excepthook, sys.stderr
     try:
         with pytest.raises(errors.DiskFullError, match="step 20.*step 10 is intact"):
             workdir.save_checkpoint(
                 _FailingManager(directory), 20, {"x": np.zeros(4)}, last_step=10
             )
+        print("after the failure", file=sys.stderr)
     finally:
-        threading.excepthook = previous_hook
+        threading.excepthook, sys.stderr = previous_hook, stderr
     assert sorted(p.name for p in directory.iterdir()) == ["10"]
-    assert "Traceback" not in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop" not in err
+    assert "after the failure" in err
 
 
 def test_space_is_checked_before_saving(tmp_path, monkeypatch):
