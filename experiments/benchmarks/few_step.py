@@ -10,7 +10,7 @@ Martineau et al. 2021, at a few tolerances, with their measured mean NFE) are th
 references printed above each table. A last line per mixture names the best solver at
 each NFE with its mode TV.
 
-Run: ``python experiments/benchmarks/few_step.py`` (about 15 minutes on a 2-core CPU), or
+Run: ``python experiments/benchmarks/few_step.py`` (50 minutes on this shared 2-core CPU at load average 10), or
 ``--quick`` (2-D, a few solvers, 2 runs).
 """
 
