@@ -13,6 +13,15 @@ it is :math:`\lambda(t) = g(t)^2`, which makes the loss an upper bound on the ne
 log-likelihood (Song et al. 2021b, "Maximum likelihood training of score-based
 diffusion models", Thm. 1). ``reduce_mean`` averages over data dimensions; otherwise
 the sum over data dimensions is halved, as in the 2021 reference.
+
+The other families are other weightings :math:`\lambda(t) = w(t)\,\sigma_t^2` and
+distributions of :math:`t` of the same loss (``weighting``, ``time_distribution``; see
+:data:`WEIGHTINGS`, :data:`TIME_DISTRIBUTIONS`): the data-prediction, v and flow-matching
+velocity errors, EDM's weight and log-normal noise levels (Karras et al. 2022), min-SNR-gamma
+(Hang et al. 2023) and SD3's logit-normal times (Esser et al. 2024). A regression of any
+network target is one of these, since every target is affine in the data prediction
+(``parametrization.py``). The losses take a score function, never a network: the train
+step that builds one from a network is in ``training/step.py``.
 """
 
 from __future__ import annotations

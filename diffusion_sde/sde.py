@@ -22,6 +22,12 @@ Each SDE also has a discretisation ``x_{i+1} = x_i + f_i(x_i) + G_i z_i`` on the
 VP, the SMLD noise levels of Song & Ermon (2019) for VE and Euler--Maruyama for
 sub-VP. DDPM and SMLD are thus these SDEs seen on a grid, not separate models.
 
+Every SDE here is an *affine path*: its drift and diffusion follow from
+:math:`(\alpha_t, \sigma_t)` alone (``SDE``), so further families are paths too: the
+cosine schedule (``CosineSDE``), EDM's :math:`\sigma_t = t` (``EDMSDE``) and rectified flow
+:math:`\alpha_t = 1 - t, \sigma_t = t` (``RectifiedFlow``), with Euler--Maruyama as their
+discretisation.
+
 The SDEs are immutable pytrees (``flax.struct.dataclass``): their float parameters are
 leaves and ``N`` is static, so an SDE can be passed to a ``jax.jit``-ed function.
 """

@@ -281,7 +281,7 @@ def test_get_sampler_builds_the_same_samplers_from_a_config():
         (lambda: ode_sample(None, VPSDE(), None, (1, 1), method="heun", time_grid="cosine"),
          r"Unknown time grid 'cosine'; valid: \['karras', 'uniform_log_snr', 'uniform_t'\]"),
         (lambda: get_sampler(ml_collections.ConfigDict(dict(method="sdf")), VPSDE(), (1, 1)),
-         r"Unknown sampling.method 'sdf'; valid: \['ode', 'pc', 'sde'\]"),
+         r"Unknown sampling.method 'sdf'; valid: \['edm', 'ode', 'pc', 'sde'\]"),
         (lambda: get_sampler(ml_collections.ConfigDict(
             dict(method="pc", predictor="reverse_diffusion", corrector="langevine", snr=0.1)),
             VPSDE(), (1, 1)), "Unknown sampling.corrector 'langevine'"),

@@ -18,6 +18,7 @@ import optax
 
 from diffusion_sde.losses import (
     DEFAULT_LOSS_OPTIONS,
+    TIME_DISTRIBUTIONS,
     LossOptions,
     ddpm_loss,
     dsm_loss,
@@ -79,7 +80,12 @@ def get_loss_fn(
             "training.weighting and training.time_distribution apply to continuous training: "
             "discrete DDPM / SMLD training has its own loss (set training.continuous=True)."
         )
-    resolve_weighting(weighting, likelihood_weighting)  # a bad name fails before tracing
+    resolve_weighting(weighting, likelihood_weighting)  # bad names fail before tracing
+    if time_distribution not in TIME_DISTRIBUTIONS:
+        raise ValueError(
+            f"Unknown training.time_distribution {time_distribution!r}; "
+            f"valid: {sorted(TIME_DISTRIBUTIONS)}"
+        )
     num_classes = getattr(getattr(model, "config", None), "num_classes", 0)
     conditional = num_classes > 0
     if not 0.0 <= label_dropout < 1.0:

@@ -2,7 +2,8 @@
 
 Data: Gaussian mixtures with unequal weights and narrow components, in 2-D (five modes on
 a circle, stds 0.04--0.1) and 16-D (six modes), whose score under the VP SDE is exact
-(``toy_scores.GaussianMixture``). Each sampler runs ``--runs`` times on independent keys
+(``toy_scores.GaussianMixture``); the 2-D mixture again on EDM's path and on rectified
+flow, with EDM's Heun sampler, the ODE solvers and Euler--Maruyama on the path's SDE. Each sampler runs ``--runs`` times on independent keys
 (one compilation); the table gives:
 
 - ``NFE``: score evaluations per run, as the sampler reports them (tests check that
@@ -47,8 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_sde.sampling import ode_sample, pc_sample
-from diffusion_sde.sde import VPSDE
+from diffusion_sde.sampling import edm_sample, ode_sample, pc_sample
+from diffusion_sde.sde import EDMSDE, VPSDE, RectifiedFlow
 from diffusion_sde.toy_scores import GaussianMixture
 
 NUM_PROJECTIONS = 256
@@ -162,10 +163,37 @@ def samplers(quick: bool) -> list[tuple[str, str, dict]]:
         rows.append(("ode", "adaptive", dict(method="adaptive", rtol=1e-5, atol=1e-5)))
     for method, step_counts in ode.items():
         rows += [("ode", method, dict(method=method, num_steps=n)) for n in step_counts]
+    return rows + edm_samplers(quick)
+
+
+def edm_samplers(quick: bool) -> list[tuple[str, str, dict]]:
+    """EDM's Heun sampler, deterministic and with churn (Karras et al. 2022, Algorithm 2)."""
+    step_counts = (10, 18) if quick else (5, 10, 18, 40)
+    rows = [("edm", "heun", dict(num_steps=n)) for n in step_counts]
+    rows.append(("edm", "heun + churn", dict(num_steps=40, s_churn=10.0, s_noise=1.0)))
     return rows
 
 
-def benchmark(mixture: GaussianMixture, num_samples: int, runs: int, quick: bool) -> None:
+def path_samplers(quick: bool) -> list[tuple[str, str, dict]]:
+    """The samplers of the EDM and rectified-flow rows: EDM's, the ODE solvers, and
+    Euler--Maruyama on the path's own reverse SDE."""
+    rows = [("pc", "euler_maruyama + none", dict(predictor="euler_maruyama",
+             corrector="none", num_steps=n)) for n in ((1000,) if quick else (200, 1000))]  # fmt: skip
+    rows.append(("ode", "adaptive", dict(method="adaptive", rtol=1e-3, atol=1e-3)))
+    ode = {"heun": (10,), "dpm_solver_3": (10, 20)} if quick else {
+        "euler": (100,), "ddim": (20,), "heun": (5, 10, 25), "dpm_solver_3": (5, 10, 20)}  # fmt: skip
+    for method, step_counts in ode.items():
+        rows += [("ode", method, dict(method=method, num_steps=n)) for n in step_counts]
+    return rows + edm_samplers(quick)
+
+
+def benchmark(
+    mixture: GaussianMixture,
+    num_samples: int,
+    runs: int,
+    quick: bool,
+    rows: list[tuple[str, str, dict]] | None = None,
+) -> None:
     sde, shape = mixture.sde, (num_samples, mixture.dim)
     reference_key, data_key = jax.random.split(jax.random.key(0))
     reference = mixture.sample(reference_key, REFERENCE_FACTOR * num_samples)
@@ -184,7 +212,8 @@ def benchmark(mixture: GaussianMixture, num_samples: int, runs: int, quick: bool
         timed(scores, count), timed(scores_and_noise, count)
     eval_time = min(timed(scores, 200)[2] for _ in range(3)) / 200
     noise_time = min(timed(scores_and_noise, 200)[2] for _ in range(3)) / 200 - eval_time
-    print(f"\n### {mixture.dim}-D mixture, VP SDE, {num_samples} samples, {runs} runs\n")
+    path = type(sde).__name__
+    print(f"\n### {mixture.dim}-D mixture, {path}, {num_samples} samples, {runs} runs\n")
     print(
         f"One score evaluation: {eval_time * 1e6:.0f} us; one Gaussian draw: "
         f"{noise_time * 1e6:.0f} us. Exact sampling: SW ratio 1 +- {noise:.2f} "
@@ -192,8 +221,8 @@ def benchmark(mixture: GaussianMixture, num_samples: int, runs: int, quick: bool
     )
     print("| sampler | settings | NFE | SW ratio | mode TV | wall ms | overhead | beyond noise |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for family, name, kwargs in samplers(quick):
-        sample = pc_sample if family == "pc" else ode_sample
+    for family, name, kwargs in samplers(quick) if rows is None else rows:
+        sample = {"pc": pc_sample, "ode": ode_sample, "edm": edm_sample}[family]
         run = functools.partial(sample, sde=sde, score_fn=mixture.score, shape=shape, **kwargs)
         jax.block_until_ready(run(jax.random.key(2)))  # Compiles.
         distances, variations, walls, cpus, references = [], [], [], [], []
@@ -208,7 +237,8 @@ def benchmark(mixture: GaussianMixture, num_samples: int, runs: int, quick: bool
             if r < TIMED_REFERENCES:
                 cpus.append(cpu)
                 evals_cpu = timed(scores, nfe)[2]
-                noisy = timed(scores_and_noise, nfe)[2] if family == "pc" else evals_cpu
+                stochastic = family == "pc" or kwargs.get("s_churn", 0) > 0
+                noisy = timed(scores_and_noise, nfe)[2] if stochastic else evals_cpu
                 references.append((evals_cpu, noisy))
         evals_cpu, reference_cpu = np.min(references, axis=0)
         overhead, beyond_noise = min(cpus) / evals_cpu, min(cpus) / reference_cpu
@@ -289,6 +319,8 @@ def main() -> None:
     benchmark(mixture_2d(VPSDE()), args.samples, runs, args.quick)
     if not args.quick:
         benchmark(mixture_16d(VPSDE()), args.samples, runs, args.quick)
+    for path in (EDMSDE(), RectifiedFlow()):  # the same data on EDM's and the RF path
+        benchmark(mixture_2d(path), args.samples, runs, args.quick, path_samplers(args.quick))
     network_overhead(num_steps=50 if args.quick else 200, batch=64)
 
 
