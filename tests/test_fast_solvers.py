@@ -18,9 +18,12 @@ import pytest
 from test_sampling_order import EPS, MU, SDES, S, exact_flow, gaussian_score
 
 from diffusion_sde import ode_solvers, sde_solvers
-from diffusion_sde.sampling import get_sampler, ode_sample, sde_sample
-from diffusion_sde.sde import VESDE, VPSDE
+from diffusion_sde.sampling import default_eps, get_sampler, ode_sample, sde_sample
+from diffusion_sde.sde import EDMSDE, VESDE, VPSDE, CosineSDE, RectifiedFlow
 from diffusion_sde.toy_scores import GaussianMixture
+
+# The paths of the affine core beyond VP, sub-VP and VE.
+NEW_PATHS = {"cosine": CosineSDE(), "edm": EDMSDE(), "rectified_flow": RectifiedFlow()}
 
 
 def _slope(step_counts, errors) -> float:
@@ -39,12 +42,15 @@ def _slope(step_counts, errors) -> float:
         ("vp", "unipc_3", (20, 40, 80), 4),
         ("subvp", "unipc_3", (32, 64, 128), 4),
         ("ve", "unipc_2", (32, 64, 128), 3),
+        ("cosine", "unipc_3", (32, 64, 128), 4),
+        ("edm", "unipc_2", (32, 64, 128), 3),
+        ("rectified_flow", "unipc_2", (32, 64, 128), 3),
     ],
 )
 def test_unipc_convergence_order(sde_name, method, step_counts, order):
     """On the Karras grid (on the uniform log-SNR grid UniPC-3 converges faster still on
     Gaussian data, where leading error terms cancel, as for DPM-Solver-3)."""
-    sde, key = SDES[sde_name], jax.random.key(0)
+    sde, key = (SDES | NEW_PATHS)[sde_name], jax.random.key(0)
     exact = exact_flow(sde, sde.prior_sampling(key, (64, 1)), EPS)
     errors = []
     for num_steps in step_counts:
@@ -130,12 +136,15 @@ def solver_moments(sde, method, num_steps, grid):
         ("subvp", "dpm_solver_2_sde", "uniform_log_snr", 2),
         ("ve", "dpm_solver_1_sde", "karras", 1),
         ("ve", "dpm_solver_2_sde", "uniform_log_snr", 2),
+        ("cosine", "dpm_solver_2_sde", "uniform_log_snr", 2),
+        ("edm", "dpm_solver_2_sde", "uniform_log_snr", 2),
+        ("rectified_flow", "dpm_solver_2_sde", "uniform_log_snr", 2),
     ],
 )
 def test_dpm_solver_sde_weak_order(sde_name, method, grid, order):
     """The variance's error falls as h^order; the mean is exact (the data prediction of
     Gaussian data is affine and the mean's recursion has no discretisation error)."""
-    sde = SDES[sde_name]
+    sde = (SDES | NEW_PATHS)[sde_name]
     mean, var = _exact_marginal(sde, EPS)
     step_counts = (40, 80, 160)
     moments = [solver_moments(sde, method, n, grid) for n in step_counts]
@@ -160,12 +169,12 @@ def test_adaptive_sde_solver_samples_the_gaussian_marginal():
     assert 10 < int(nfe) < 1000
 
 
-# --- Exact mixture: mode weights, every path -----------------------------------------------
+# --- Exact mixture: mode weights, every path of the core -----------------------------------------------
 
 WEIGHTS = jnp.array([0.5, 0.3, 0.2])
 MEANS = jnp.array([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]])
 STDS = jnp.array([0.1, 0.2, 0.1])
-MIXTURE_SDES = {"vp": VPSDE(), "subvp": SDES["subvp"], "ve": VESDE(sigma_max=10.0)}
+MIXTURE_SDES = {"vp": VPSDE(), "subvp": SDES["subvp"], "ve": VESDE(sigma_max=10.0)} | NEW_PATHS
 CASES = {
     "unipc_3-15": ("ode", dict(method="unipc_3", num_steps=15)),
     "unipc_2-10": ("ode", dict(method="unipc_2", num_steps=10)),
@@ -182,8 +191,9 @@ def test_fast_solver_reproduces_mode_weights(sde_name, case):
     mixture = GaussianMixture(WEIGHTS, MEANS, STDS, sde)
     kind, kwargs = CASES[case]
     sample = ode_sample if kind == "ode" else sde_sample
-    eps = 1e-5 if sde_name == "ve" else 1e-3
-    x, nfe = sample(jax.random.key(0), sde, mixture.score, (1024, 2), eps=eps, **kwargs)
+    x, nfe = sample(
+        jax.random.key(0), sde, mixture.score, (1024, 2), eps=default_eps(sde), **kwargs
+    )
     total_variation = 0.5 * float(jnp.sum(jnp.abs(mixture.mode_frequencies(x) - WEIGHTS)))
     on_mode = float(jnp.mean(mixture.standardized_distance(x) < 3.0))
     assert total_variation < 0.06, (total_variation, mixture.mode_frequencies(x))
