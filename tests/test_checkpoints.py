@@ -256,6 +256,32 @@ def test_import_mode_writes_a_workdir_that_sample_mode_uses(tmp_path):
     flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow  # 35 s on one core: import, restore, 5 NFE of sampling
+def test_edm_precond_import_samples_with_edm_sampler(tmp_path):
+    """An imported EDMPrecond workdir: its EMA params give EDM's denoiser, and sample mode
+    runs EDM's Heun sampler on it."""
+    from configs import default_digits
+    from diffusion_sde.models import get_score_fn
+    from diffusion_sde.sde import EDMSDE
+
+    config, meta = fixture_config("edm_ddpmpp_edm")
+    default_digits.edm_sampler(config, num_steps=3)
+    config.sampling.eps = 0.002
+    config.eval.batch_size = config.eval.num_samples = 2
+    workdir = tmp_path / "imported"
+    checkpoints.import_checkpoint(config, workdir, FIXTURES / meta["file"], meta["format"])
+    _, _, state = evaluate.load_trained(config, workdir)
+    reference = np.load(FIXTURES / "edm_ddpmpp_edm.npz")
+    score_fn = get_score_fn(EDMSDE(), get_model(config.model), {"params": state.ema_params})
+    x, sigma = reference["noisy"], reference["sigma"]
+    score = np.asarray(score_fn(jnp.asarray(x), jnp.asarray(sigma)), np.float64)
+    denoised = x + (sigma.astype(np.float64) ** 2)[:, None, None, None] * score
+    assert relative_error(denoised, reference["denoised"]) < 1e-5
+    samples = evaluate.sample(config, workdir)
+    images = next(iter(np.load(next(samples.glob("*.npz"))).values()))
+    assert images.shape[0] == 2 and np.all(np.isfinite(images))
+
+
 def test_import_mode_without_checkpoint_flag_says_what_to_pass(tmp_path, capsys):
     from absl import flags
 
