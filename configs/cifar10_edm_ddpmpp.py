@@ -9,9 +9,11 @@ ln sigma ~ N(-1.2, 1.2^2)) and EDM's deterministic Heun sampler (18 steps, 35 ev
 Expected (paper, Table 2): FID 1.97 after 200 Mimg (390,625 steps at batch 512), 35 NFE.
 Not reproduced here. Differences from EDM's training that this code does not have:
 the non-leaking augmentation pipeline (p = 0.12 on CIFAR-10), the EMA half-life ramp-up
-(a fixed EMA rate of half-life 0.5 Mimg is used), and EDM's SongUNet details (its
-resampling filter [1, 1], its embedding MLP); the network is this code's DDPM++ (NCSN++
-module) with EDM's channels, blocks, attention and dropout.
+(a fixed EMA rate of half-life 0.5 Mimg is used) and EDM's weight initialisation; the
+network is this code's DDPM++ (NCSN++ module) with EDM's channels, blocks, attention and
+dropout, which computes EDM's DDPM++ SongUNet exactly: EDM's published
+edm-cifar10-32x32-uncond-vp loads into this config (``checkpoints``, format ``edm``; README
+"Published checkpoints").
 
 Laptop variant: ``--config=configs/cifar10_edm_ddpmpp.py:small`` (16x16, a small U-Net,
 batch 16; see ``default_cifar10.with_variant``).

@@ -17,13 +17,15 @@ network that ``config.model`` builds, parameter for parameter:
                       network (``all_modules.*`` names)
 ``diffusers``         diffusers' ``UNet2DModel`` safetensors           a safetensors parser
                       (``google/ddpm-cifar10-32``)                     (no torch)
-``edm``               EDM's ``VPPrecond`` DDPM++ ``SongUNet``          the restricted
-                      (``baseline-cifar10-32x32-uncond-vp``) exported  unpickler
-                      as ``{precond, state_dict}``
+``edm``               EDM's ``VPPrecond`` or ``EDMPrecond`` around a   the restricted
+                      DDPM++ ``SongUNet`` (``baseline-cifar10-32x32-   unpickler
+                      uncond-vp``, ``edm-cifar10-32x32-uncond-vp``)
+                      exported as ``{precond, sigma_data,
+                      state_dict}``
 ===================== =============================================== ======================
 
 EDM's pickles themselves (unpickling runs EDM's code), EDM's other preconditioners
-(``edm-cifar10-32x32-*``, the VE baseline), NCSNv2, openai's consistency models and
+(the VE baseline, iDDPM), class-conditional SongUNets, NCSNv2, openai's consistency models and
 diffusers' NCSN++ port are recognised and refused with an error that says what differs
 (see :data:`REFUSED` and :data:`EDM_EXPORT_COMMAND`). Torch is never imported:
 ``torch.save`` files are zip archives of a pickle and raw storages, read here with an
@@ -323,12 +325,16 @@ def _flatten(tree: Mapping, separator: str, prefix: str = "") -> dict[str, np.nd
 class SourceWeights:
     """A checkpoint's arrays by their source names: ``raw`` (the trained weights), ``ema``
     (their exponential moving average, or None), ``step`` and ``dialect`` (which naming:
-    ``'torch'``, ``'flax'``, ``'diffusers'`` or ``'edm'``)."""
+    ``'torch'``, ``'flax'``, ``'diffusers'`` or ``'edm'``); for ``edm`` also its
+    preconditioner's class name ``precond`` and ``sigma_data`` (``None`` where the export
+    does not say: EDMPrecond's default 0.5)."""
 
     raw: dict[str, np.ndarray]
     ema: dict[str, np.ndarray] | None
     step: int
     dialect: str
+    precond: str | None = None
+    sigma_data: float | None = None
 
 
 # Recognised and refused: what differs from the networks here.
@@ -336,11 +342,11 @@ REFUSED = {
     "edm_pickle": (
         "an EDM network pickle: unpickling it runs EDM's code, so it is not read here. EDM's "
         "baseline-cifar10-32x32-uncond-vp is score_sde's DDPM++ cont. in EDM's SongUNet under "
-        "VPPrecond, whose preconditioning is this codebase's VP adapter: export it (command "
-        "below) and load it with format 'edm'. edm-cifar10-32x32-* are trained under EDM's "
-        "preconditioning (c_skip, c_out, c_in, c_noise = log(sigma)/4) and the VE baseline "
-        "feeds c_noise = log(sigma/2); no score function here applies those, so they are "
-        "refused."
+        "VPPrecond, whose preconditioning is this codebase's VP adapter, and "
+        "edm-cifar10-32x32-uncond-vp is a DDPM++ SongUNet under EDMPrecond, this codebase's "
+        "model.parametrization='edm' on training.sde='edm': export either (command below) and "
+        "load it with format 'edm'. The VE baseline feeds c_noise = log(sigma/2), which no "
+        "score function here applies, so it is refused."
     ),
     "edm_state_dict": (
         "a state dict of EDM's SongUNet (names map_noise/enc/dec): load it with format 'edm', "
@@ -489,32 +495,47 @@ def _diffusers(path: pathlib.Path) -> SourceWeights:
     return SourceWeights(tensors, None, 0, "diffusers")
 
 
-# What EDM's preconditioners wrap their network in; only VPPrecond is score_sde's VP model.
+# What EDM's preconditioners wrap their network in: VPPrecond is score_sde's VP model and
+# EDMPrecond our 'edm' parametrisation on EDMSDE (None: mapped); the others are refused.
 _EDM_PRECONDITIONING = {
     "VPPrecond": None,
+    "EDMPrecond": None,
     "VEPrecond": (
         "VEPrecond feeds its NCSN++ c_noise = log(sigma / 2) (score_sde's embeds log sigma) "
         "and its residual encoder resamples with a fused convolution-then-filter"
-    ),
-    "EDMPrecond": (
-        "EDMPrecond: D = c_skip x + c_out F(c_in x, log(sigma) / 4) with sigma_data = 0.5, "
-        "which no score function here applies"
     ),
     "iDDPMPrecond": "iDDPMPrecond (ADM network and its discrete noise levels)",
 }
 EDM_EXPORT_COMMAND = (
     "python -c \"import pickle, torch; net = pickle.load(open('NETWORK.pkl', 'rb'))['ema']; "
-    "torch.save({'precond': type(net).__name__, 'state_dict': net.state_dict()}, 'NETWORK.pt')\" "
+    "torch.save({'precond': type(net).__name__, 'sigma_data': getattr(net, 'sigma_data', None), "
+    "'state_dict': net.state_dict()}, 'NETWORK.pt')\" "
     "(in EDM's repository, whose code the pickle needs)"
 )
 
 
 def _edm(path: pathlib.Path) -> SourceWeights:
-    """An EDM network exported as ``{'precond': class name, 'state_dict': ...}`` (see
-    :data:`EDM_EXPORT_COMMAND`); only a ``VPPrecond`` around a DDPM++ ``SongUNet`` (EDM's
-    ``baseline-cifar10-32x32-uncond-vp``, score_sde's DDPM++ cont. re-packaged) is read: its
-    preconditioning is exactly the VP adapter here (c_in x is x_t, c_noise = 999 t, the
-    network predicts the noise)."""
+    """An EDM network exported as ``{'precond': class name, 'sigma_data': ..., 'state_dict':
+    ...}`` (see :data:`EDM_EXPORT_COMMAND`; ``sigma_data`` may be absent). Read: an
+    unconditional DDPM++ ``SongUNet`` (positional embedding, standard encoder and decoder,
+    resampling filter [1, 1]) under
+
+    - ``VPPrecond`` (``baseline-cifar10-32x32-uncond-vp``, score_sde's DDPM++ cont.
+      re-packaged): its preconditioning is exactly the VP adapter here (c_in x is x_t,
+      c_noise = 999 t, the network predicts the noise);
+    - ``EDMPrecond`` (``edm-cifar10-32x32-uncond-vp``): D = c_skip x + c_out F(c_in x,
+      c_noise) with c_noise = ln(sigma)/4 fed to the same positional embedding, which is
+      ``model.parametrization='edm'`` on ``EDMSDE`` (alpha = 1, sigma = t) with
+      ``model.sigma_data`` the export's (EDM's default 0.5 when it does not say). Its
+      ``sigma_min``/``sigma_max`` only clip EDM's sampler, and ``use_fp16`` only lowers the
+      arithmetic's precision on CUDA; neither is in the state dict.
+
+    The SongUNet's ``map_augment`` (``augment_dim=9`` in EDM's CIFAR-10 training, the
+    augmentation pipeline's labels) is a Linear without bias whose output is added to the
+    noise embedding only when augment labels are passed; EDM's sampler passes none, and
+    zero labels would add exactly zero, so the weight is dropped (a ``map_augment.bias``,
+    which would add a constant, is refused). ``map_label`` (``label_dim > 0``, the
+    class-conditional networks) is refused."""
     if not zipfile.is_zipfile(path):
         raise FormatError(
             f"{path} is {REFUSED['edm_pickle']} To load an EDM VP baseline, export it first: "
@@ -532,15 +553,67 @@ def _edm(path: pathlib.Path) -> SourceWeights:
         raise FormatError(f"{path}: unknown EDM preconditioner {precond!r}")
     if _EDM_PRECONDITIONING[precond] is not None:
         raise FormatError(f"{path} is refused: {_EDM_PRECONDITIONING[precond]}.")
-    state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()}
+    sigma_data = obj.get("sigma_data")
+    if sigma_data is not None:
+        sigma_data = float(sigma_data)
+    state = edm_network_state(obj["state_dict"], str(path), precond)
+    return SourceWeights(state, None, 0, "edm", precond=precond, sigma_data=sigma_data)
+
+
+def edm_network_state(state: Mapping, source: str, precond: str) -> dict:
+    """The arrays of an EDM preconditioner's state dict that our DDPM++ holds, by SongUNet
+    names (``model.`` removed); a bias-free ``map_augment`` is dropped (see :func:`_edm`)
+    and networks that are not mapped are refused. ``source`` names the file in errors."""
+    path = source
+    state = {k.removeprefix("model."): v for k, v in state.items()}
     if "map_noise.freqs" in state:
-        raise FormatError(f"{path}: a VPPrecond around an NCSN++ SongUNet is not mapped")
-    if "map_label.weight" in state or "map_augment.weight" in state:
         raise FormatError(
-            f"{path}: a class-conditional or augmentation-conditioned SongUNet (map_label, "
-            "map_augment) is not mapped"
+            f"{path}: a {precond} around an NCSN++ SongUNet (Fourier embedding of c_noise, "
+            "residual encoder with the [1, 3, 3, 1] filter) is not mapped; only DDPM++ is"
         )
-    return SourceWeights(state, None, 0, "edm")
+    if "map_label.weight" in state:
+        raise FormatError(
+            f"{path}: a class-conditional SongUNet (map_label, label_dim > 0) is not mapped; "
+            "only unconditional networks are"
+        )
+    if "map_augment.bias" in state:
+        raise FormatError(
+            f"{path}: this SongUNet's map_augment has a bias, which adds a constant to the "
+            "noise embedding even without augmentation; EDM's is bias-free and only that is "
+            "dropped"
+        )
+    state.pop("map_augment.weight", None)  # bias-free: zero without augment labels
+    return state
+
+
+def _check_preconditioning(config: ml_collections.ConfigDict, weights: SourceWeights) -> None:
+    """The config must apply the export's preconditioner: EDMPrecond is
+    ``model.parametrization='edm'`` on ``training.sde='edm'`` with its ``sigma_data``;
+    VPPrecond the noise prediction on ``vpsde``."""
+    if weights.dialect != "edm" or weights.precond is None:
+        return
+    sde = config.training.get("sde")
+    parametrization = config.model.get("parametrization")
+    if weights.precond == "EDMPrecond":
+        sigma_data = 0.5 if weights.sigma_data is None else weights.sigma_data
+        ours = config.model.get("sigma_data") or 0.5
+        if sde != "edm" or parametrization != "edm" or abs(ours - sigma_data) > 1e-12:
+            raise MismatchError(
+                f"an EDMPrecond network computes D = c_skip x + c_out F(c_in x, ln(sigma)/4) "
+                f"with sigma_data = {sigma_data}: load it with training.sde='edm', "
+                f"model.parametrization='edm', model.sigma_data={sigma_data} (e.g. "
+                f"configs/cifar10_edm_ddpmpp.py); the config has training.sde={sde!r}, "
+                f"model.parametrization={parametrization!r}, model.sigma_data={ours}"
+            )
+    elif weights.precond == "VPPrecond" and (
+        sde != "vpsde" or parametrization not in (None, "eps")
+    ):
+        raise MismatchError(
+            f"a VPPrecond network predicts the noise on the VP SDE: load it with "
+            f"training.sde='vpsde' and the 'eps' parametrisation (e.g. "
+            f"configs/cifar10_ddpmpp_continuous_vp.py); the config has training.sde={sde!r}, "
+            f"model.parametrization={parametrization!r}"
+        )
 
 
 def _is_consistency_models_state(state) -> bool:
@@ -981,6 +1054,7 @@ def load_variables(
     from diffusion_sde import data as data_lib
 
     weights = read_checkpoint(path, format)
+    _check_preconditioning(config, weights)
     entries = _table(_model_config(config), weights, data_lib.data_shape(config.data))
     arrays = weights.ema if ema and weights.ema is not None else weights.raw
     return {"params": _convert(entries, arrays)}
@@ -1007,6 +1081,7 @@ def import_checkpoint(
             f"{workdir}/checkpoints already has checkpoints; import into a new --workdir"
         )
     weights = read_checkpoint(path, format)
+    _check_preconditioning(config, weights)
     entries = _table(_model_config(config), weights, data_lib.data_shape(config.data))
     params = _convert(entries, weights.raw)
     ema_params = _convert(entries, weights.ema) if weights.ema is not None else params

@@ -20,13 +20,16 @@ their code is not part of it):
   fields since ``flax.optim.Optimizer`` no longer exists);
 - diffusers 0.42.1 from the package registry (``UNet2DModel.save_pretrained``);
 - EDM, github.com/NVlabs/edm at 008a4e53 (``training/networks.py``: a ``VPPrecond`` around
-  a DDPM++ ``SongUNet``, exported as ``{'precond': 'VPPrecond', 'state_dict': ...}``).
+  a DDPM++ ``SongUNet``, exported as ``{'precond': 'VPPrecond', 'state_dict': ...}``, and an
+  ``EDMPrecond`` around a DDPM++ ``SongUNet`` with ``augment_dim=9``, the layout of
+  edm-cifar10-32x32-uncond-vp).
 
 Run, from the repository root (torch 2.13 CPU, diffusers 0.42.1, ml_collections in the
 first environment; this project's .venv for the second):
 
     python experiments/make_checkpoint_fixtures.py torch --score_sde_pytorch=PATH
     python experiments/make_checkpoint_fixtures.py edm --edm=PATH  # after torch
+    python experiments/make_checkpoint_fixtures.py edm_precond --edm=PATH  # after edm
     .venv/bin/python experiments/make_checkpoint_fixtures.py flax --score_sde=PATH
 """
 
@@ -338,7 +341,7 @@ def make_diffusers() -> None:
 def make_edm(edm: pathlib.Path) -> None:
     """EDM's VPPrecond around a DDPM++ SongUNet (the layout of baseline-cifar10-32x32-uncond-vp),
     exported as the error message of diffusion_sde.checkpoints tells (preconditioner class
-    name and state dict), with the network's outputs F(x_in, c_noise) and the preconditioned
+    name and state dict; the sigma_data it now also writes is None there), with the network's outputs F(x_in, c_noise) and the preconditioned
     denoiser's D(x, sigma)."""
     import torch
 
@@ -426,6 +429,124 @@ def make_edm(edm: pathlib.Path) -> None:
     with gzip.open(OUT / "published_shapes.json.gz", "wt") as file:
         json.dump(shapes, file)
     print("baseline-vp", shapes["edm/baseline-cifar10-32x32-uncond-vp"]["trainable"])
+
+
+def make_edm_precond(edm: pathlib.Path) -> None:
+    """EDM's EDMPrecond around a DDPM++ SongUNet with augment_dim=9 (the layout of
+    edm-cifar10-32x32-uncond-vp: channel_mult 2 at every level, map_augment a bias-free
+    Linear), every tensor random, exported as for VPPrecond, with the network's outputs
+    F(c_in x, c_noise) and the preconditioned denoiser's D(x; sigma) on noisy x = y + sigma n,
+    without augment labels (as EDM's sampler calls it) and with zero ones."""
+    import torch
+
+    sys.path.insert(0, str(edm))
+    from training import networks
+
+    fields = {
+        **model_fields("ddpmpp_vp"),
+        "ch_mult": [2, 2],
+        "parametrization": "edm",
+        "sigma_data": 0.5,
+    }
+    net = networks.EDMPrecond(
+        img_resolution=IMAGE_SIZE,
+        img_channels=CHANNELS,
+        label_dim=0,
+        sigma_data=0.5,
+        model_type="SongUNet",
+        augment_dim=9,
+        model_channels=fields["nf"],
+        channel_mult=fields["ch_mult"],
+        num_blocks=fields["num_res_blocks"],
+        attn_resolutions=fields["attn_resolutions"],
+        dropout=0.13,
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+    )
+    rng = np.random.default_rng(14)
+    with torch.no_grad():
+        for pname, p in net.named_parameters():
+            p.copy_(
+                torch.from_numpy(random_value(rng, pname, tuple(p.shape), 1.0).astype(np.float32))
+            )
+    assert net.model.map_augment.bias is None
+    torch.save(
+        {
+            "precond": type(net).__name__,
+            "sigma_data": net.sigma_data,
+            "state_dict": net.state_dict(),
+        },
+        OUT / "edm_ddpmpp_edm.pt",
+    )
+    sigma = np.array([0.05, 1.0, 20.0], np.float32)
+    clean, _ = inputs("ddpmpp_vp", 14)  # in [-1, 1]
+    noise = rng.standard_normal(clean.shape).astype(np.float32)
+    x = (clean + sigma[:, None, None, None] * noise).astype(np.float32)
+    net.eval()
+    with torch.no_grad():
+        x_torch = torch.from_numpy(x).permute(0, 3, 1, 2)
+        sigma_torch = torch.from_numpy(sigma)
+        c_in = (1 / (0.5**2 + sigma_torch.reshape(-1, 1, 1, 1) ** 2).sqrt()).to(torch.float32)
+        c_noise = (sigma_torch.log() / 4).to(torch.float32)
+        out = net.model(c_in * x_torch, c_noise, class_labels=None)
+        denoised = net(x_torch, sigma_torch)
+        zeros = torch.zeros([BATCH, 9])
+        denoised_zero_augment = net(x_torch, sigma_torch, augment_labels=zeros)
+    assert torch.equal(denoised, denoised_zero_augment)
+    np.savez(
+        OUT / "edm_ddpmpp_edm.npz",
+        x=(c_in * x_torch).permute(0, 2, 3, 1).numpy(),  # the network's input c_in x
+        time_cond=c_noise.numpy(),  # c_noise = ln(sigma) / 4
+        out_raw=out.permute(0, 2, 3, 1).numpy(),
+        sigma=sigma,
+        noisy=x,
+        denoised=denoised.permute(0, 2, 3, 1).numpy(),
+    )
+    meta = {
+        "format": "edm",
+        "file": "edm_ddpmpp_edm.pt",
+        "source": "EDM 008a4e53",
+        "image_size": IMAGE_SIZE,
+        "model": fields,
+    }
+    (OUT / "edm_ddpmpp_edm.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print("edm_ddpmpp_edm", out.shape)
+
+    # The full-size layout of edm-cifar10-32x32-uncond-vp (EDM's train.py --arch=ddpmpp
+    # --precond=edm --augment=0.12: channel_mult 2,2,2, augment_dim 9, dropout 0.13).
+    import gzip
+
+    full = networks.EDMPrecond(
+        img_resolution=32,
+        img_channels=3,
+        label_dim=0,
+        model_type="SongUNet",
+        augment_dim=9,
+        model_channels=128,
+        channel_mult=[2, 2, 2],
+        dropout=0.13,
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+    )
+    with gzip.open(OUT / "published_shapes.json.gz", "rt") as file:
+        shapes = json.load(file)
+    state = {k: list(v.shape) for k, v in full.state_dict().items()}
+    shapes["edm/edm-cifar10-32x32-uncond-vp"] = dict(
+        config="cifar10_edm_ddpmpp",
+        state_dict=state,
+        trainable=sum(p.numel() for p in full.parameters()),
+        # map_augment (9 x 128, no bias) is not loaded: zero augment labels at sampling.
+        dropped=sum(p.numel() for p in full.model.map_augment.parameters()),
+    )
+    with gzip.open(OUT / "published_shapes.json.gz", "wt") as file:
+        json.dump(shapes, file)
+    print("edm-vp", shapes["edm/edm-cifar10-32x32-uncond-vp"]["trainable"])
 
 
 # Published score_sde_pytorch checkpoints: their source config and our config that loads each.
@@ -591,7 +712,7 @@ def make_flax(score_sde: pathlib.Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("which", choices=["torch", "flax", "edm"])
+    parser.add_argument("which", choices=["torch", "flax", "edm", "edm_precond"])
     parser.add_argument("--score_sde_pytorch", type=pathlib.Path)
     parser.add_argument("--edm", type=pathlib.Path)
     parser.add_argument("--score_sde", type=pathlib.Path)
@@ -601,5 +722,7 @@ if __name__ == "__main__":
         make_torch(args.score_sde_pytorch.resolve())
     elif args.which == "edm":
         make_edm(args.edm.resolve())
+    elif args.which == "edm_precond":
+        make_edm_precond(args.edm.resolve())
     else:
         make_flax(args.score_sde.resolve())

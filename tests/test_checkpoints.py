@@ -35,6 +35,8 @@ def fixture_config(name: str):
     config.data.centered = fields.pop("centered")
     config.training.continuous = fields.pop("continuous")
     config.training.sde = "vesde" if fields.get("scale_by_sigma") else "vpsde"
+    if fields.get("parametrization") == "edm":  # EDMPrecond: EDM's path
+        config.training.sde = "edm"
     with config.model.unlocked():
         for key, value in fields.items():
             value = tuple(value) if isinstance(value, list) else value
@@ -254,6 +256,32 @@ def test_import_mode_writes_a_workdir_that_sample_mode_uses(tmp_path):
     flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow  # 35 s on one core: import, restore, 5 NFE of sampling
+def test_edm_precond_import_samples_with_edm_sampler(tmp_path):
+    """An imported EDMPrecond workdir: its EMA params give EDM's denoiser, and sample mode
+    runs EDM's Heun sampler on it."""
+    from configs import default_digits
+    from diffusion_sde.models import get_score_fn
+    from diffusion_sde.sde import EDMSDE
+
+    config, meta = fixture_config("edm_ddpmpp_edm")
+    default_digits.edm_sampler(config, num_steps=3)
+    config.sampling.eps = 0.002
+    config.eval.batch_size = config.eval.num_samples = 2
+    workdir = tmp_path / "imported"
+    checkpoints.import_checkpoint(config, workdir, FIXTURES / meta["file"], meta["format"])
+    _, _, state = evaluate.load_trained(config, workdir)
+    reference = np.load(FIXTURES / "edm_ddpmpp_edm.npz")
+    score_fn = get_score_fn(EDMSDE(), get_model(config.model), {"params": state.ema_params})
+    x, sigma = reference["noisy"], reference["sigma"]
+    score = np.asarray(score_fn(jnp.asarray(x), jnp.asarray(sigma)), np.float64)
+    denoised = x + (sigma.astype(np.float64) ** 2)[:, None, None, None] * score
+    assert relative_error(denoised, reference["denoised"]) < 1e-5
+    samples = evaluate.sample(config, workdir)
+    images = next(iter(np.load(next(samples.glob("*.npz"))).values()))
+    assert images.shape[0] == 2 and np.all(np.isfinite(images))
+
+
 def test_import_mode_without_checkpoint_flag_says_what_to_pass(tmp_path, capsys):
     from absl import flags
 
@@ -295,7 +323,10 @@ def test_name_table_fits_the_published_full_size_layout(source):
         name: np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, [0] * len(shape))
         for name, shape in published["state_dict"].items()
     }
-    if not diffusers:
+    if edm:  # as the reader: EDMPrecond's bias-free map_augment (augment_dim 9) is dropped
+        precond = "EDMPrecond" if source.startswith("edm/edm-") else "VPPrecond"
+        arrays = checkpoints.edm_network_state(arrays, source, precond)
+    elif not diffusers:
         arrays = {k.removeprefix("module.").removeprefix("model."): v for k, v in arrays.items()}
     dialect = "diffusers" if diffusers else "edm" if edm else "torch"
     weights = checkpoints.SourceWeights(arrays, None, 0, dialect)
@@ -309,7 +340,9 @@ def test_name_table_fits_the_published_full_size_layout(source):
     fourier = config.model.nf if config.model.fourier_in_params else 0
     # The table has one row per parameter array of our network (it raises on any our
     # network has and the source lacks), so this is our count too.
-    assert ours == published["trainable"] + fourier
+    assert ours == published["trainable"] + fourier - published.get("dropped", 0)
+    if source == "edm/edm-cifar10-32x32-uncond-vp":  # EDM's paper: 55.73M; map_augment 9 x 128
+        assert (published["trainable"], published["dropped"]) == (55_733_891, 9 * 128)
 
 
 def test_diffusers_settings_we_do_not_compute_are_refused(tmp_path):
@@ -349,10 +382,69 @@ def test_edm_vp_baseline_is_score_sde_vp_adapter():
     assert errors[0] < 1e-5 and errors[1] < 1e-5 and errors[2] < 1e-4, errors
 
 
-def test_edm_exports_other_than_vp_are_refused(tmp_path):
+def test_edm_precond_is_our_edm_parametrisation_on_edm_sde():
+    """EDM's EDMPrecond denoiser D(x; sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4) is
+    x + sigma^2 s(x, sigma) with our score s of get_score_fn(EDMSDE, ..., 'edm') (alpha = 1,
+    sigma_t = t), on noisy inputs x = y + sigma n at sigma = 0.05, 1 and 20; the fixture's
+    random map_augment is dropped (EDM's sampler passes no augment labels, and the fixture
+    maker checks that zero labels give the same D bit for bit)."""
+    from diffusion_sde.models import get_score_fn
+    from diffusion_sde.sde import EDMSDE
+
+    config, meta = fixture_config("edm_ddpmpp_edm")
+    reference = np.load(FIXTURES / "edm_ddpmpp_edm.npz")
+    weights = checkpoints.read_checkpoint(FIXTURES / meta["file"], "edm")
+    assert (weights.precond, weights.sigma_data) == ("EDMPrecond", 0.5)
+    assert "map_augment.weight" not in weights.raw  # dropped, bias-free
+    variables = checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    sde = EDMSDE(sigma_min=0.002, sigma_max=80.0)
+    score_fn = get_score_fn(sde, get_model(config.model), variables, parametrization="edm")
+    x, sigma = reference["noisy"], reference["sigma"]
+    score = np.asarray(score_fn(jnp.asarray(x), jnp.asarray(sigma)), np.float64)
+    denoised = x + (sigma.astype(np.float64) ** 2)[:, None, None, None] * score
+    errors = [relative_error(denoised[i], reference["denoised"][i]) for i in range(len(sigma))]
+    # Measured: 1e-7, 7e-7, 1.5e-6. A wrong sigma_data (1 for 0.5) moves D by 5e-2 to 1.
+    assert max(errors) < 1e-5, errors
+    wrong = get_score_fn(sde, get_model(config.model), variables, sigma_data=1.0)
+    wrong_d = x + sigma[:, None, None, None] ** 2 * np.asarray(wrong(jnp.asarray(x), sigma))
+    assert relative_error(wrong_d, reference["denoised"]) > 1e-2
+
+
+def test_edm_precond_needs_the_edm_config(monkeypatch):
+    config, meta = fixture_config("edm_ddpmpp_edm")
+    path = FIXTURES / meta["file"]
+    for field, value in [("training.sde", "vpsde"), ("model.parametrization", "eps")]:
+        wrong = config.copy_and_resolve_references()
+        section, key = field.split(".")
+        wrong[section][key] = value
+        with pytest.raises(checkpoints.MismatchError, match="model.parametrization='edm'"):
+            checkpoints.load_variables(wrong, path, "edm")
+    # The VP baseline is not loaded under the EDM config either.
+    with pytest.raises(checkpoints.MismatchError, match="VPPrecond network predicts the noise"):
+        checkpoints.load_variables(config, FIXTURES / "edm_ddpmpp_vp.pt", "edm")
+    export = checkpoints.read_torch(path)
+    state = collections.OrderedDict(export["state_dict"])
+    # An export with another sigma_data needs that model.sigma_data.
+    monkeypatch.setattr(checkpoints, "read_torch", lambda _: {**export, "sigma_data": 1.0})
+    with pytest.raises(checkpoints.MismatchError, match="model.sigma_data=1.0"):
+        checkpoints.load_variables(config, path, "edm")
+    config.model.sigma_data = 1.0
+    assert checkpoints.load_variables(config, path, "edm")["params"]
+    # A map_augment with a bias would add a constant to the embedding: refused.
+    state["model.map_augment.bias"] = np.ones(8, np.float32)
+    monkeypatch.setattr(checkpoints, "read_torch", lambda _: {**export, "state_dict": state})
+    with pytest.raises(checkpoints.FormatError, match="map_augment has a bias"):
+        checkpoints.load_variables(config, path, "edm")
+    # A class-conditional SongUNet (map_label) is refused.
+    del state["model.map_augment.bias"]
+    state["model.map_label.weight"] = np.ones((8, 10), np.float32)
+    with pytest.raises(checkpoints.FormatError, match="class-conditional"):
+        checkpoints.load_variables(config, path, "edm")
+
+
+def test_edm_exports_other_than_vp_and_edm_are_refused(tmp_path):
     config, _ = fixture_config("edm_ddpmpp_vp")
     for precond, reason in [
-        ("EDMPrecond", "sigma_data = 0.5"),
         ("VEPrecond", r"log\(sigma / 2\)"),
         ("iDDPMPrecond", "ADM"),
     ]:
