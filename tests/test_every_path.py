@@ -65,6 +65,13 @@ CASES = [
         ("ode", dict(method="adaptive", rtol=1e-4, atol=1e-4)),
     ]
 ]
+# The remaining predictor-corrector and ODE methods, each on one new path.
+CASES += [
+    ("cosine", "pc", dict(predictor="reverse_diffusion", corrector="ald")),
+    ("rf", "ode", dict(method="euler", num_steps=100)),
+    ("cosine", "ode", dict(method="ddim", num_steps=20)),
+    ("edm", "ode", dict(method="dpm_solver_2", num_steps=20)),
+]
 
 
 @pytest.mark.parametrize(
