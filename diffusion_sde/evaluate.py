@@ -25,7 +25,11 @@ use the continuous score adapter by default (``sampling.ode_continuous_score``; 
 
 ``--mode=sample`` draws ``config.eval.num_samples`` samples in shards under
 ``DIR/eval/samples_step_<step>/``. Everything is resumable: finished bits/dim batches and
-sample shards are kept and skipped when the command is run again.
+sample shards are kept and skipped when the command is run again. The shards are reused
+only for the sampler that drew them (``sampler.json`` in the folder records
+``config.sampling``, the shard size and the seed): rerun with another sampler and the old
+folder is set aside as ``samples_step_<step>.previous_<k>`` (kept, never deleted) and new
+samples are drawn.
 """
 
 from __future__ import annotations
@@ -375,6 +379,31 @@ def evaluate_sample_quality(config, workdir: str | pathlib.Path, step: int | Non
     return result
 
 
+def _sample_folder(config, out: pathlib.Path) -> pathlib.Path:
+    """``out``, made for the samples of ``config``'s sampler: a folder whose shards another
+    sampler (or shard size, or seed) drew is renamed ``<out>.previous_<k>`` first."""
+    drawn_by = {
+        "sampling": config.sampling.to_dict(),
+        "batch_size": config.eval.batch_size,
+        "seed": config.seed,
+    }
+    drawn_by = json.loads(json.dumps(drawn_by, sort_keys=True, default=str))
+    record = out / "sampler.json"
+    if out.exists():
+        previous = json.loads(record.read_text()) if record.exists() else None
+        if previous == drawn_by:
+            return out
+        if previous is not None or any(out.glob("shard_*.npz")):
+            k = 1
+            while out.with_name(f"{out.name}.previous_{k}").exists():
+                k += 1
+            aside = out.rename(out.with_name(f"{out.name}.previous_{k}"))
+            logging.info("Samples in %s were drawn by another sampler; kept in %s.", out, aside)
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(drawn_by, indent=2, sort_keys=True) + "\n")
+    return out
+
+
 def sample(config, workdir: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
     """``--mode=sample``: ``config.eval.num_samples`` samples from the checkpoint of ``step``
     (None: the newest), in shards of ``config.eval.batch_size``; shards already written are
@@ -395,8 +424,7 @@ def sample(config, workdir: str | pathlib.Path, step: int | None = None) -> path
         samples, nfe = sampler(key, score_fn)
         return inverse_scaler(samples), nfe
 
-    out = workdir / "eval" / f"samples_step_{step:08d}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = _sample_folder(config, workdir / "eval" / f"samples_step_{step:08d}")
     num_shards = math.ceil(config.eval.num_samples / config.eval.batch_size)
     key = jax.random.PRNGKey(config.seed + 4)
     for shard in tqdm(range(num_shards), desc="sample", unit="shard"):

@@ -138,3 +138,32 @@ def test_sample_quality_feeds_the_quantised_samples_to_the_features():
     seen.clear()
     metrics.sample_quality(samples, reference, extractor, rounding=None, kid_subset_size=8)
     np.testing.assert_allclose(seen[0], samples, rtol=1e-7)
+
+
+def test_sample_shards_are_reused_only_for_the_sampler_that_drew_them(tmp_path):
+    # An FID must come from the samples of the sampler asked for: shards drawn by another
+    # sampler are set aside (kept), not reused.
+    from diffusion_sde import evaluate
+
+    config = importlib.import_module("configs.digits_vp").get_config()
+    out = tmp_path / "samples_step_00000010"
+    assert evaluate._sample_folder(config, out) == out
+    (out / "shard_00000.npz").write_bytes(b"pc samples")
+    assert evaluate._sample_folder(config, out) == out  # same sampler: resume
+    assert (out / "shard_00000.npz").exists()
+
+    config.sampling.method, config.sampling.ode_method = "ode", "dpm_solver_3"
+    evaluate._sample_folder(config, out)
+    assert not list(out.glob("shard_*.npz"))
+    aside = tmp_path / "samples_step_00000010.previous_1"
+    assert (aside / "shard_00000.npz").read_bytes() == b"pc samples"
+
+    config.seed += 1  # another seed draws other samples too
+    evaluate._sample_folder(config, out)
+    assert (tmp_path / "samples_step_00000010.previous_2" / "sampler.json").exists()
+
+    legacy = tmp_path / "samples_step_00000020"  # shards of an older version, no record
+    legacy.mkdir()
+    (legacy / "shard_00000.npz").write_bytes(b"unknown sampler")
+    evaluate._sample_folder(config, legacy)
+    assert (tmp_path / "samples_step_00000020.previous_1" / "shard_00000.npz").exists()
