@@ -189,15 +189,7 @@ def _build(config):
     model = get_model(config.model)
     train.get_optimizer(config.optim)
     training = config.training
-    step_lib.get_loss_fn(
-        sde,
-        model,
-        continuous=training.continuous,
-        reduce_mean=training.reduce_mean,
-        likelihood_weighting=training.likelihood_weighting,
-        label_dropout=training.get("label_dropout", 0.0),
-        **step_lib.loss_config(config),
-    )
+    step_lib.loss_fn_from_config(config, sde, model)
     num_samples = int(training.get("snapshot_num_samples", 64))
     sampling.get_sampler(config.sampling, sde, (num_samples, *shape))
     return shape, model

@@ -102,16 +102,7 @@ def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
     other on CPU (see below), with the state replicated and donated and each batch sharded
     over ``mesh``'s ``data`` axis. ``metrics`` are per step, shaped ``(n,)``.
     """
-    training = config.training
-    loss_fn = step_lib.get_loss_fn(
-        sde,
-        model,
-        continuous=training.continuous,
-        reduce_mean=training.reduce_mean,
-        likelihood_weighting=training.likelihood_weighting,
-        label_dropout=training.get("label_dropout", 0.0),
-        **step_lib.loss_config(config),
-    )
+    loss_fn = step_lib.loss_fn_from_config(config, sde, model)
     step_fn = step_lib.get_step_fn(loss_fn, optimizer, config.model.ema_rate)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(None, "data"))
@@ -356,17 +347,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
     # --- Step function: n_jitted_steps optimisation steps per call ----------------------
     train_steps = get_train_steps(config, sde, model, optimizer, mesh)
-    eval_loss_fn = jax.jit(
-        step_lib.get_loss_fn(
-            sde,
-            model,
-            continuous=training.continuous,
-            reduce_mean=training.reduce_mean,
-            likelihood_weighting=training.likelihood_weighting,
-            train=False,
-            **step_lib.loss_config(config),
-        )
-    )
+    eval_loss_fn = jax.jit(step_lib.loss_fn_from_config(config, sde, model, train=False))
 
     # --- Data ---------------------------------------------------------------------------
     train_batches = data_lib.get_dataset(

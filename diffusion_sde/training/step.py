@@ -194,3 +194,19 @@ def loss_config(config: Any) -> dict[str, Any]:
         time_distribution=training.get("time_distribution", "uniform"),
         options=options,
     )
+
+
+def loss_fn_from_config(config: Any, sde: SDE, model: nn.Module, *, train: bool = True):
+    """:func:`get_loss_fn` with every choice read from ``config.training`` (and
+    :func:`loss_config`): the training loss (``train=True``) or the evaluation loss."""
+    training = config.training
+    return get_loss_fn(
+        sde,
+        model,
+        continuous=training.continuous,
+        reduce_mean=training.reduce_mean,
+        likelihood_weighting=training.likelihood_weighting,
+        train=train,
+        label_dropout=training.get("label_dropout", 0.0),
+        **loss_config(config),
+    )
