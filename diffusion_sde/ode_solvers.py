@@ -349,12 +349,18 @@ FIXED_STEP_SOLVERS: dict[str, tuple[Callable, Callable, int, str]] = {
 METHODS: tuple[str, ...] = ("adaptive", *FIXED_STEP_SOLVERS)
 
 
-def check_method(method: str, grid: str | None = None) -> None:
-    """Raise a ``ValueError`` listing the valid names if ``method`` or ``grid`` is unknown."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown ODE method {method!r}; valid: {sorted(METHODS)}")
+def check_names(kind: str, method: str, methods, grid: str | None = None) -> None:
+    """Raise a ``ValueError`` listing the valid names if ``method`` is not one of ``methods``
+    (the solvers of ``kind``) or ``grid`` is not a time grid."""
+    if method not in methods:
+        raise ValueError(f"Unknown {kind} method {method!r}; valid: {sorted(methods)}")
     if grid is not None and grid not in TIME_GRIDS:
         raise ValueError(f"Unknown time grid {grid!r}; valid: {sorted(TIME_GRIDS)}")
+
+
+def check_method(method: str, grid: str | None = None) -> None:
+    """Raise a ``ValueError`` listing the valid names if ``method`` or ``grid`` is unknown."""
+    check_names("ODE", method, METHODS, grid)
 
 
 def fixed_step_nfe(method: str, num_steps: int) -> int:

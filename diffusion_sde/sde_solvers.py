@@ -47,7 +47,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_sde.ode_solvers import data_prediction, time_grid
+from diffusion_sde.ode_solvers import check_names, data_prediction, time_grid
 from diffusion_sde.sde import SDE, ScoreFn, batch_broadcast
 
 # Jolicoeur-Martineau et al.'s (2021) defaults: safety factor theta, exponent r, first step.
@@ -113,12 +113,7 @@ METHODS: tuple[str, ...] = (*ADAPTIVE_SOLVERS, *FIXED_STEP_SOLVERS)
 
 def check_method(method: str, grid: str | None = None) -> None:
     """Raise a ``ValueError`` listing the valid names if ``method`` or ``grid`` is unknown."""
-    from diffusion_sde.ode_solvers import TIME_GRIDS
-
-    if method not in METHODS:
-        raise ValueError(f"Unknown reverse-SDE method {method!r}; valid: {sorted(METHODS)}")
-    if grid is not None and grid not in TIME_GRIDS:
-        raise ValueError(f"Unknown time grid {grid!r}; valid: {sorted(TIME_GRIDS)}")
+    check_names("reverse-SDE", method, METHODS, grid)
 
 
 def fixed_step_nfe(method: str, num_steps: int) -> int:
