@@ -7,7 +7,7 @@
 Expected after 1.3M iterations at batch 128 (paper, Table 3): FID 2.55, IS 9.58 with the
 Euler-Maruyama predictor and no corrector (1000 steps); with the probability-flow ODE
 (Table 2, last checkpoint) 3.16 bits/dim on uniformly dequantized test data. The network
-has 61,804,419 parameters (issue 4's table).
+has 61,804,419 parameters (the README's table of parameter counts).
 
 Laptop variant: ``--config=configs/cifar10_ddpmpp_continuous_vp.py:small`` (see
 ``default_cifar10.with_variant``): a 32-channel, two-level DDPM++ at batch 16 that trains

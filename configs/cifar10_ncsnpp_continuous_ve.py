@@ -6,7 +6,7 @@
 
 Expected after 1.3M iterations at batch 128 (paper, Table 3): FID 2.38, IS 9.83 with the
 PC sampler (reverse-diffusion predictor, Langevin corrector, snr 0.16, 1000 steps).
-The network has 62,758,787 parameters (issue 4's table; the Fourier frequencies are a
+The network has 62,758,787 parameters (the README's table of parameter counts; the Fourier frequencies are a
 fixed buffer, not parameters).
 
 Laptop variant: ``--config=configs/cifar10_ncsnpp_continuous_ve.py:small``.

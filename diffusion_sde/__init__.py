@@ -1,9 +1,11 @@
 """Score-based generative modelling through SDEs (Song et al., ICLR 2021) in JAX/Flax.
 
-The public API of ``DESIGN.md`` (extended in the README): the SDEs and affine paths, the score-matching losses, the samplers, the
-likelihood, and the network-to-score adapter. Training and evaluation of a workdir live in
-``diffusion_sde.train`` and ``diffusion_sde.evaluate`` (imported on demand: they pull in
-orbax and TensorBoard).
+The public API (``docs/design.md`` states it in full): the SDEs and affine paths, the
+score-matching losses, the samplers, the likelihood, and the network-to-score adapter.
+The machinery lives in packages imported on demand (they pull in orbax and TensorBoard):
+``diffusion_sde.training`` (state, step, checkpoints, the loop ``train_and_evaluate``) and
+``diffusion_sde.evaluation`` (sample-quality metrics, feature networks, the evaluation of a
+workdir).
 """
 
 from diffusion_sde.likelihood import bits_per_dim, log_likelihood

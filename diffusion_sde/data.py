@@ -562,6 +562,26 @@ def get_dataset(
             num_examples=num_examples,
         )
 
+    return _image_batches(
+        data_config,
+        shape=shape,
+        batch_size=batch_size,
+        split=split,
+        seed=seed,
+        start_step=start_step,
+        evaluation=evaluation,
+        process_index=process_index,
+        process_count=process_count,
+        uniform_dequantization=uniform_dequantization,
+    )
+
+
+def _image_batches(
+    data_config, *, shape, batch_size, split, seed, start_step, evaluation, process_index,
+    process_count, uniform_dequantization,
+) -> Iterator[Batch]:  # fmt: skip
+    """The grain pipeline of an image dataset (digits or TFDS) behind :func:`get_dataset`."""
+    local_batch = batch_size // process_count
     dataset = _image_dataset(data_config)
     if data_config["dataset"] == "digits":
         source = _ArraySource(*load_digits(split))

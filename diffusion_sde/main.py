@@ -2,8 +2,8 @@
 
 ``--mode`` is ``train`` (the default; resumes from ``DIR/checkpoints``), ``eval``,
 ``sample`` or ``import`` (``--checkpoint=PATH --format=NAME``: a published checkpoint
-written into ``DIR`` for ``eval`` and ``sample``; see :mod:`diffusion_sde.checkpoints`). Config fields are overridable on the command line, e.g.
-``--config.training.batch_size=64``. On a TPU pod or a GPU cluster pass ``--multihost``
+written into ``DIR`` for ``eval`` and ``sample``; see :mod:`diffusion_sde.pretrained`).
+Config fields are overridable on the command line, e.g. ``--config.training.batch_size=64``. On a TPU pod or a GPU cluster pass ``--multihost``
 to call ``jax.distributed.initialize()`` (which reads the cluster from the environment)
 before anything touches the devices.
 
@@ -101,24 +101,26 @@ def main(argv):
         jax.distributed.initialize()
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from diffusion_sde import checkpoints, errors, evaluate, train
+    from diffusion_sde import errors, pretrained
+    from diffusion_sde.evaluation import evaluate
+    from diffusion_sde.training import checkpoint, checks, loop
 
     def import_published(config, workdir):
         if not FLAGS.checkpoint or not FLAGS.format:
             raise errors.UserError(
                 "--mode=import needs --checkpoint=PATH and --format=NAME, NAME one of "
-                f"{sorted(checkpoints.FORMATS)}."
+                f"{sorted(pretrained.FORMATS)}."
             )
-        checkpoints.import_checkpoint(config, workdir, FLAGS.checkpoint, FLAGS.format)
+        checkpoint.import_published(config, workdir, FLAGS.checkpoint, FLAGS.format)
 
     modes = {
-        "train": train.train_and_evaluate,
+        "train": loop.train_and_evaluate,
         "eval": evaluate.evaluate,
         "sample": evaluate.sample,
         "import": import_published,
     }
     try:
-        errors.check_config(FLAGS.config)
+        checks.check_config(FLAGS.config)
         modes[FLAGS.mode](FLAGS.config, FLAGS.workdir)
     except Exception as error:
         user_error = errors.as_user_error(error)

@@ -51,10 +51,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_sde import controllable, evaluate, plotting
+from diffusion_sde import controllable, plotting
 from diffusion_sde import data as data_lib
 from diffusion_sde.models import get_score_fn
 from diffusion_sde.sampling import pc_sample
+from diffusion_sde.training import checkpoint
 
 # The config files import `configs.default_digits`: put the repository root on the path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -218,7 +219,7 @@ def main(argv):
     out.mkdir(parents=True, exist_ok=True)
     if tuple(data_lib.data_shape(config.data)) != (8, 8, 1):
         raise ValueError(f"this script is for the 8x8 digits, not {config.data.dataset!r}")
-    sde, model, state = evaluate.load_trained(config, workdir)
+    sde, model, state = checkpoint.load_trained(config, workdir)
     print(f"loaded {workdir} at step {int(state.step)}")
     variables = {"params": state.ema_params}
     continuous = config.training.continuous

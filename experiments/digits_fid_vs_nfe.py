@@ -28,10 +28,10 @@ import jax
 import numpy as np
 
 from diffusion_sde import data as data_lib
-from diffusion_sde import metrics, reference_stats
-from diffusion_sde.evaluate import load_trained
+from diffusion_sde.evaluation import metrics, reference_stats
 from diffusion_sde.models import get_score_fn
 from diffusion_sde.sampling import ode_sample, pc_sample, sde_sample
+from diffusion_sde.training.checkpoint import load_trained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -340,7 +340,7 @@ def make_diffusers() -> None:
 
 def make_edm(edm: pathlib.Path) -> None:
     """EDM's VPPrecond around a DDPM++ SongUNet (the layout of baseline-cifar10-32x32-uncond-vp),
-    exported as the error message of diffusion_sde.checkpoints tells (preconditioner class
+    exported as the error message of diffusion_sde.pretrained tells (preconditioner class
     name and state dict; the sigma_data it now also writes is None there), with the network's outputs F(x_in, c_noise) and the preconditioned
     denoiser's D(x, sigma)."""
     import torch

@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 
 from configs import digits_vp, toy_2d_vp
-from diffusion_sde import errors, sampling, workdir
+from diffusion_sde import errors, sampling
 from diffusion_sde.sde import get_sde
+from diffusion_sde.training import checkpoint, checks, workdir
 
 ROOT = pathlib.Path(__file__).parents[1]
 TOY = "--config=configs/toy_2d_vp.py"
@@ -153,7 +154,9 @@ FORK_RUNNER = """
 import json, os, runpy, sys
 sys.path.insert(0, "")
 import jax, absl.app, ml_collections  # the start-up every case shares
-from diffusion_sde import errors, evaluate, train
+from diffusion_sde import errors
+from diffusion_sde.evaluation import evaluate
+from diffusion_sde.training import loop
 results = []
 for argv, err_path in json.loads(sys.argv[1]):
     pid = os.fork()
@@ -278,7 +281,7 @@ def test_unknown_names_suggest_the_nearest(field, value, suggestion):
     group, name = field.split(".")
     config[group][name] = value
     with pytest.raises(errors.ConfigError, match=f"did you mean '{suggestion}'") as error:
-        errors.check_config(config)
+        checks.check_config(config)
     assert isinstance(error.value, ValueError) and "valid: " in str(error.value)
 
 
@@ -287,20 +290,20 @@ def test_unknown_ode_method_and_time_grid():
     config.sampling.method = "ode"
     config.sampling.ode_method = "dpm_solver3"
     with pytest.raises(errors.ConfigError, match="did you mean 'dpm_solver_3'"):
-        errors.check_config(config)
+        checks.check_config(config)
     config.sampling.ode_method = "heun"
     config.sampling.time_grid = "karas"
     with pytest.raises(errors.ConfigError, match="did you mean 'karras'"):
-        errors.check_config(config)
+        checks.check_config(config)
 
 
 def test_the_sampling_methods_checked_are_those_get_sampler_takes():
-    """errors.check_config lists the methods itself (to suggest the nearest); they must be
+    """checks.check_config lists the methods itself (to suggest the nearest); they must be
     exactly those sampling.get_sampler accepts."""
     config = digits_vp.get_config()
     config.sampling.method = "bogus"
     with pytest.raises(errors.ConfigError, match="sampling.method='bogus'") as checked:
-        errors.check_config(config)
+        checks.check_config(config)
     listed = re.search(r"valid: (.*)\.$", str(checked.value))[1].split(", ")
     sde = get_sde(config)
     with pytest.raises(ValueError, match="Unknown sampling.method") as built:
@@ -313,14 +316,14 @@ def test_the_sampling_methods_checked_are_those_get_sampler_takes():
 
 def test_the_shipped_configs_pass_the_check():
     for module in (toy_2d_vp, digits_vp):
-        errors.check_config(module.get_config())
+        checks.check_config(module.get_config())
 
 
 # --- Two runs on one workdir; a trained workdir for the tests after -------------------
 
 HOLD_LOCK = """
 import sys, time
-from diffusion_sde.workdir import RunLock
+from diffusion_sde.training.workdir import RunLock
 RunLock(sys.argv[1]).__enter__()
 print("held", flush=True)
 time.sleep(600)
@@ -448,8 +451,8 @@ def _resize(path, size):
 SKIP_SPACE_CHECK = """
 import runpy, sys
 sys.path.insert(0, "")
-from diffusion_sde import workdir
-workdir.checkpoint_bytes = lambda directory, state: 0  # let orbax run into the full disk
+from diffusion_sde.training import checkpoint
+checkpoint.checkpoint_bytes = lambda directory, state: 0  # let orbax run into the full disk
 runpy.run_module("diffusion_sde.main", run_name="__main__", alter_sys=True)
 """
 
@@ -537,7 +540,7 @@ def test_failed_save_removes_the_partial_checkpoint_quietly(tmp_path, capfd):
     previous_hook, stderr = threading.excepthook, sys.stderr
     try:
         with pytest.raises(errors.DiskFullError, match="step 20.*step 10 is intact"):
-            workdir.save_checkpoint(
+            checkpoint.save_checkpoint(
                 _FailingManager(directory), 20, {"x": np.zeros(4)}, last_step=10
             )
         print("after the failure", file=sys.stderr)
@@ -553,7 +556,7 @@ def test_space_is_checked_before_saving(tmp_path, monkeypatch):
     directory = tmp_path / "checkpoints"
     (directory / "10").mkdir(parents=True)
     (directory / "10" / "data").write_bytes(b"0" * 200_000)
-    needed = workdir.checkpoint_bytes(directory, None)
+    needed = checkpoint.checkpoint_bytes(directory, None)
     assert needed == int(200_000 * 1.05) + 64 * 1024  # the newest checkpoint's size
 
     class Usage:
@@ -563,10 +566,10 @@ def test_space_is_checked_before_saving(tmp_path, monkeypatch):
     manager = _FailingManager(directory)
     expected = rf"needs about {needed / 1024:.1f} KiB, {(needed - 1) / 1024:.1f} KiB free"
     with pytest.raises(errors.DiskFullError, match=rf"{expected}\. Stopped before writing"):
-        workdir.save_checkpoint(manager, 20, None, last_step=10)
+        checkpoint.save_checkpoint(manager, 20, None, last_step=10)
     assert sorted(p.name for p in directory.iterdir()) == ["10"]  # nothing written
     # Without a checkpoint yet, the state's own bytes.
     (directory / "10" / "data").unlink()
     (directory / "10").rmdir()
     state = {"a": np.zeros(1000, np.float32), "b": np.zeros(10, np.int32)}
-    assert workdir.checkpoint_bytes(directory, state) == int(4040 * 1.05) + 64 * 1024
+    assert checkpoint.checkpoint_bytes(directory, state) == int(4040 * 1.05) + 64 * 1024

@@ -9,9 +9,11 @@ import optax
 import pytest
 
 from configs import toy_2d_vp
-from diffusion_sde import evaluate, models, train
+from diffusion_sde import models
 from diffusion_sde import parametrization as param
+from diffusion_sde.evaluation import evaluate
 from diffusion_sde.sde import EDMSDE, VESDE, VPSDE, CosineSDE, RectifiedFlow, get_sde, subVPSDE
+from diffusion_sde.training import loop
 from diffusion_sde.training import step as step_lib
 
 
@@ -153,7 +155,7 @@ def test_family_trains_samples_and_scores_likelihood_on_a_toy(tmp_path, family):
     config.sampling.method = "edm"
     config.sampling.num_steps = 6
     config.sampling.eps = 0.002 if family == "edm" else 1e-3
-    state = train.train_and_evaluate(config, tmp_path)
+    state = loop.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 10
     samples = np.load(tmp_path / "samples" / "step_00000010.npz")["samples"]
     assert samples.shape == (16, 2) and np.all(np.isfinite(samples))

@@ -30,7 +30,8 @@ import pytest
 import scipy.linalg
 import tensorflow_datasets as tfds
 
-from diffusion_sde import data, feature_nets, inception, metrics, reference_stats
+from diffusion_sde import data
+from diffusion_sde.evaluation import feature_nets, inception, metrics, reference_stats
 
 ROOT = pathlib.Path(__file__).parents[1]
 # Measured: 99.33% (295 of 297) on the test split; a margin for other XLA versions/CPUs.
@@ -284,7 +285,7 @@ def test_reference_statistics_of_digits(digits_extractor):
 @pytest.mark.slow  # about 10 s: a fresh Python process importing JAX and TFDS
 def test_reference_stats_command(digits_cache, tmp_path):
     out = tmp_path / "digits_train.npz"
-    command = [sys.executable, "-m", "diffusion_sde.reference_stats"]
+    command = [sys.executable, "-m", "diffusion_sde.evaluation.reference_stats"]
     command += ["--config=configs/digits_vp.py", f"--out={out}", "--max_features=50"]
     env = {**os.environ, feature_nets.CACHE_ENV: str(digits_cache), "JAX_PLATFORMS": "cpu"}
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffusion_sde import metrics, models, sampling
+from diffusion_sde import models, sampling
+from diffusion_sde.evaluation import metrics
 from diffusion_sde.sde import VESDE, VPSDE, subVPSDE
 
 CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
@@ -143,7 +144,7 @@ def test_sample_quality_feeds_the_quantised_samples_to_the_features():
 def test_sample_shards_are_reused_only_for_the_sampler_that_drew_them(tmp_path):
     # An FID must come from the samples of the sampler asked for: shards drawn by another
     # sampler are set aside (kept), not reused.
-    from diffusion_sde import evaluate
+    from diffusion_sde.evaluation import evaluate
 
     config = importlib.import_module("configs.digits_vp").get_config()
     out = tmp_path / "samples_step_00000010"

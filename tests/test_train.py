@@ -16,9 +16,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import toy_2d_vp
-from diffusion_sde import evaluate, train
+from diffusion_sde.evaluation import evaluate
 from diffusion_sde.models import get_model
 from diffusion_sde.sde import get_sde
+from diffusion_sde.training import checkpoint, loop
+from diffusion_sde.training import state as state_lib
 from diffusion_sde.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -61,8 +63,8 @@ def test_one_step_on_eight_devices_equals_one_device():
     config = tiny_config()
     config.optim.warmup = 0  # a full-size first step
     sde, model = get_sde(config), get_model(config.model)
-    optimizer = train.get_optimizer(config.optim)
-    state = train.create_train_state(
+    optimizer = state_lib.get_optimizer(config.optim)
+    state = state_lib.create_train_state(
         jax.random.PRNGKey(0), model=model, optimizer=optimizer, data_shape=(2,), conditional=False
     )
     step_fn = step_lib.get_step_fn(
@@ -96,8 +98,8 @@ def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
     config = tiny_config()
     config.optim.warmup = 0
     sde, model = get_sde(config), get_model(config.model)
-    optimizer = train.get_optimizer(config.optim)
-    state = train.create_train_state(
+    optimizer = state_lib.get_optimizer(config.optim)
+    state = state_lib.create_train_state(
         jax.random.PRNGKey(0), model=model, optimizer=optimizer, data_shape=(2,), conditional=False
     )
     batches = {
@@ -111,7 +113,7 @@ def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
     )
     scanned_state, scanned = jax.jit(lambda s, b: jax.lax.scan(step_fn, s, b))(state, batches)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    train_steps = train.get_train_steps(config, sde, model, optimizer, mesh)
+    train_steps = step_lib.get_train_steps(config, sde, model, optimizer, mesh)
     copy = jax.device_put(jax.tree.map(jnp.copy, state), NamedSharding(mesh, P()))
     new_state, metrics = train_steps(copy, batches)
     assert metrics["loss"].shape == (3,) and int(new_state.step) == 3
@@ -126,7 +128,7 @@ def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
 
 def test_train_and_evaluate_writes_its_workdir(tmp_path):
     config = tiny_config()
-    state = train.train_and_evaluate(config, tmp_path)
+    state = loop.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 20
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
         "10",
@@ -143,7 +145,7 @@ def test_train_and_evaluate_writes_its_workdir(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["training"]["n_iters"] == 20
     assert list((tmp_path / "tensorboard").iterdir())
     # Running the same command again finds the run complete and changes nothing.
-    again = train.train_and_evaluate(config, tmp_path)
+    again = loop.train_and_evaluate(config, tmp_path)
     jax.tree.map(np.testing.assert_array_equal, state.params, again.params)
 
     # --mode=eval: two passes over two batches, resumable batch by batch.
@@ -175,11 +177,11 @@ def test_train_and_evaluate_writes_its_workdir(tmp_path):
 
 def test_non_finite_loss_stops_with_step_range_and_keeps_checkpoint(tmp_path):
     config = tiny_config(n_iters=20)
-    train.train_and_evaluate(config, tmp_path)  # a good checkpoint at step 20
+    loop.train_and_evaluate(config, tmp_path)  # a good checkpoint at step 20
     bad = tiny_config(n_iters=40)
     bad.optim.lr = 1e30
     with pytest.raises(FloatingPointError, match=r"steps \d+\.\.\d+.*step 20"):
-        train.train_and_evaluate(bad, tmp_path)
+        loop.train_and_evaluate(bad, tmp_path)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 20
 
@@ -187,21 +189,21 @@ def test_non_finite_loss_stops_with_step_range_and_keeps_checkpoint(tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative workdir, as `make run` passes it
     config = tiny_config(n_iters=20)
-    finished = train.train_and_evaluate(config, "run")
+    finished = loop.train_and_evaluate(config, "run")
     for path in (tmp_path / "run" / "checkpoints" / "20").rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(b"garbage")
-    resumed = train.train_and_evaluate(config, "run")  # restores 10, retrains 10..20
+    resumed = loop.train_and_evaluate(config, "run")  # restores 10, retrains 10..20
     jax.tree.map(np.testing.assert_array_equal, finished.params, resumed.params)
     assert len(list((tmp_path / "run" / "checkpoints_unreadable").iterdir())) == 1
 
 
 def test_checkpoint_of_another_config_is_refused_not_overwritten(tmp_path):
-    train.train_and_evaluate(tiny_config(n_iters=10), tmp_path)
+    loop.train_and_evaluate(tiny_config(n_iters=10), tmp_path)
     other = tiny_config(n_iters=20)
     other.model.nf = 32
     with pytest.raises(ValueError, match="do not fit this config"):
-        train.train_and_evaluate(other, tmp_path)
+        loop.train_and_evaluate(other, tmp_path)
     assert (tmp_path / "checkpoints" / "10").exists()
 
 
@@ -223,7 +225,7 @@ def test_bad_configs_fail_at_start_up(tmp_path, field, value, message):
     group, name = field.split(".")
     config[group][name] = value
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(config, tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists() or not any(
         p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir()
     )
@@ -252,7 +254,7 @@ def _run_main(workdir, n_iters, *, env_extra=None, wait=True):
 
 def _final_params(workdir):
     """(step, params) of the newest checkpoint, restored as evaluation does."""
-    _, _, state = evaluate.load_trained(tiny_config(), workdir)
+    _, _, state = checkpoint.load_trained(tiny_config(), workdir)
     return int(state.step), state.params
 
 
@@ -361,7 +363,7 @@ def test_digits_run_trains_and_evaluates_bpd_and_sample_quality(tmp_path, monkey
     config.training.update(snapshot_freq_for_preemption=10, snapshot_num_samples=16)
     config.sampling.num_steps = 25
     config.eval.update(batch_size=64, num_samples=100, bpd_num_batches=1, rtol=1e-3, atol=1e-3)
-    train.train_and_evaluate(config, tmp_path / "run")
+    loop.train_and_evaluate(config, tmp_path / "run")
     results = evaluate.evaluate(config, tmp_path / "run")
     bpd, quality = results["bpd"], results["sample_quality"]
     # Ten steps of training: a finite bits/dim, far from a trained model's, on the 64

@@ -1,10 +1,13 @@
-"""Training the noise-conditional classifier (``models.classifier``) on forward-diffused
-data: its cross-entropy loss and an Adam loop."""
+"""Training a classifier: one Adam loop (:func:`fit_classifier`) that serves the
+noise-conditional classifier of guided sampling (:func:`train_classifier`, on
+forward-diffused data) and the feature classifiers of the sample-quality metrics
+(``evaluation.feature_nets``)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -51,6 +54,63 @@ def _iterator_batches(batches: Iterable) -> Iterator[tuple[jax.Array, jax.Array]
         yield jnp.asarray(x), jnp.asarray(labels, jnp.int32)
 
 
+def fit_classifier(
+    key: jax.Array,
+    loss_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array],
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    data: tuple[Any, Any] | Iterable,
+    *,
+    num_steps: int,
+    batch_size: int,
+) -> tuple[Any, np.ndarray]:
+    r"""Minimise ``loss_fn(params, key, x, labels) -> scalar`` with ``optimizer``, one jitted
+    step at a time, deterministically given ``key`` (and the data order).
+
+    Step ``k`` uses ``key_k = fold_in(key, k)``. With array data ``(x, labels)`` the
+    minibatch is drawn inside the compiled step, uniformly with replacement:
+    ``batch_key, step_key = split(key_k)``, ``index = randint(batch_key, (batch_size,), 0, N)``,
+    and the loss gets ``step_key``; with an iterable of batches (``{"x", "label"}`` dicts
+    as ``data.get_dataset`` yields, or ``(x, labels)`` tuples) the loss gets ``key_k`` and
+    the loop stops early when the iterable ends. (A Python loop of jitted steps: XLA:CPU
+    runs small convolutions several times slower inside ``lax.scan``.)
+
+    Returns ``(params, losses)``, the ``(steps,)`` minibatch losses; raises
+    ``FloatingPointError`` when a loss is not finite.
+    """
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, key, x, labels):
+        loss, grads = jax.value_and_grad(loss_fn)(params, key, x, labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    if isinstance(data, tuple):
+        # The whole arrays go to the compiled step, which draws the minibatch itself.
+        batches = itertools.repeat((jnp.asarray(data[0]), jnp.asarray(data[1], jnp.int32)))
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step_fn(params, opt_state, key, x_all, labels_all):
+            batch_key, step_key = jax.random.split(key)
+            index = jax.random.randint(batch_key, (batch_size,), 0, x_all.shape[0])
+            return update(params, opt_state, step_key, x_all[index], labels_all[index])
+
+    else:
+        batches, step_fn = _iterator_batches(data), update
+    opt_state = optimizer.init(params)
+    losses = []
+    for step in range(num_steps):
+        if (batch := next(batches, None)) is None:
+            break
+        params, opt_state, loss = step_fn(params, opt_state, jax.random.fold_in(key, step), *batch)
+        losses.append(loss)
+    losses = np.asarray(jnp.stack(losses))
+    if not np.all(np.isfinite(losses)):
+        bad = int(np.argmin(np.isfinite(losses)))
+        raise FloatingPointError(f"classifier loss is not finite from step {bad} on")
+    return params, losses
+
+
 def train_classifier(
     key: jax.Array,
     sde: SDE,
@@ -87,43 +147,22 @@ def train_classifier(
       ``(steps,)`` minibatch losses.
     """
     init_key, loop_key = jax.random.split(key)
-    optimizer = optax.adam(learning_rate)
-
-    def update(params, opt_state, key, x, labels):
-        def mean_loss(params):
-            return jnp.mean(classifier_loss(key, sde, model, params, x, labels, eps=eps))
-
-        loss, grads = jax.value_and_grad(mean_loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
     if isinstance(data, tuple):
-        # The whole arrays go to the compiled step, which draws the minibatch itself.
-        batches = itertools.repeat((jnp.asarray(data[0]), jnp.asarray(data[1], jnp.int32)))
-
-        @jax.jit
-        def step_fn(params, opt_state, key, x_all, labels_all):
-            batch_key, step_key = jax.random.split(key)
-            index = jax.random.randint(batch_key, (batch_size,), 0, x_all.shape[0])
-            return update(params, opt_state, step_key, x_all[index], labels_all[index])
-
+        example = jnp.asarray(data[0][:1])
     else:
-        batches = _iterator_batches(data)
-        step_fn = jax.jit(update)
-    first = next(batches)
-    example = first[0][:1]
+        first = next(iter_batches := _iterator_batches(data))
+        example, data = first[0][:1], itertools.chain([first], iter_batches)
     params = jax.jit(model.init)(init_key, example, jnp.zeros((1,), example.dtype))["params"]
-    opt_state = optimizer.init(params)
-    losses, batch = [], first
-    for step in range(num_steps):
-        if step > 0 and (batch := next(batches, None)) is None:
-            break
-        params, opt_state, loss = step_fn(
-            params, opt_state, jax.random.fold_in(loop_key, step), *batch
-        )
-        losses.append(loss)
-    losses = np.asarray(jnp.stack(losses))
-    if not np.all(np.isfinite(losses)):
-        bad = int(np.argmin(np.isfinite(losses)))
-        raise FloatingPointError(f"classifier loss is not finite from step {bad} on")
-    return params, losses
+
+    def loss_fn(params, key, x, labels):
+        return jnp.mean(classifier_loss(key, sde, model, params, x, labels, eps=eps))
+
+    return fit_classifier(
+        loop_key,
+        loss_fn,
+        params,
+        optax.adam(learning_rate),
+        data,
+        num_steps=num_steps,
+        batch_size=batch_size,
+    )

@@ -2,19 +2,22 @@
 
 ``get_loss_fn`` turns a network into a score function (``models.get_score_fn``) and feeds it
 to a pure loss of :mod:`diffusion_sde.losses`; ``get_step_fn`` differentiates it and applies
-the optimizer and the parameter EMA. ``train.py`` jits and loops it.
+the optimizer and the parameter EMA; ``get_train_steps`` jits several of them into one call
+with the batch sharded over the device mesh (``loop.py`` runs it).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffusion_sde.losses import (
     DEFAULT_LOSS_OPTIONS,
@@ -27,20 +30,9 @@ from diffusion_sde.losses import (
 )
 from diffusion_sde.models import get_score_fn
 from diffusion_sde.sde import SDE, VESDE, VPSDE
+from diffusion_sde.training.state import TrainState
 
 LABEL_DROPOUT_STREAM = 7  # fold_in index of the label-dropout key within a step's key
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a run needs to continue: the step, parameters, their EMA, the
-    optimizer state and the run's base PRNG key (step keys are ``fold_in(key, step)``)."""
-
-    step: jax.Array
-    params: Any
-    ema_params: Any
-    opt_state: Any
-    key: jax.Array
 
 
 def get_loss_fn(
@@ -210,3 +202,41 @@ def loss_fn_from_config(config: Any, sde: SDE, model: nn.Module, *, train: bool 
         label_dropout=training.get("label_dropout", 0.0),
         **loss_config(config),
     )
+
+
+def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
+    """The jitted ``train_steps(state, batches) -> (state, metrics)`` of a run.
+
+    ``batches`` holds ``n`` global batches stacked as ``(n, B, ...)``; one call runs the
+    ``n`` optimisation steps of ``get_step_fn`` (``train_and_evaluate`` passes
+    ``n = training.n_jitted_steps``) through ``lax.scan``, or written out one after the
+    other on CPU (see below), with the state replicated and donated and each batch sharded
+    over ``mesh``'s ``data`` axis. ``metrics`` are per step, shaped ``(n,)``.
+    """
+    loss_fn = loss_fn_from_config(config, sde, model)
+    step_fn = get_step_fn(loss_fn, optimizer, config.model.ema_rate)
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(None, "data"))
+    # XLA:CPU runs a training step inside a while loop (a scan, even of length 1) several
+    # times slower than the same step outside one: the backward convolutions
+    # (experiments/benchmarks/train_step.py measures it). On CPU the n steps are therefore
+    # written out one after the other, at the price of compiling n copies; accelerators
+    # keep the loop, which compiles one.
+    unrolled = mesh.devices.flat[0].platform == "cpu"
+
+    @functools.partial(
+        jax.jit,
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    def train_steps(state, batches):
+        if not unrolled:
+            return jax.lax.scan(step_fn, state, batches)
+        metrics = []
+        for i in range(jax.tree.leaves(batches)[0].shape[0]):
+            state, step_metrics = step_fn(state, jax.tree.map(lambda b, i=i: b[i], batches))
+            metrics.append(step_metrics)
+        return state, jax.tree.map(lambda *values: jnp.stack(values), *metrics)
+
+    return train_steps

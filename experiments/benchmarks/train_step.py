@@ -1,6 +1,6 @@
 r"""Benchmark of a config's training step, as ``train.py`` runs it.
 
-For a config file it builds the state and the jitted call of ``train.get_train_steps``
+For a config file it builds the state and the jitted call of ``training.step.get_train_steps``
 (the loss the config asks for, ``n`` optimisation steps through ``lax.scan``, state
 donated, the batch sharded over every device) for ``n`` in ``--n_jitted_steps`` (default
 1 and 5), and prints for each: the time to trace and lower it, XLA's compile time cold (an
@@ -42,9 +42,10 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from diffusion_sde import data as data_lib
-from diffusion_sde import train
 from diffusion_sde.models import count_parameters, get_model
 from diffusion_sde.sde import get_sde
+from diffusion_sde.training import state as state_lib
+from diffusion_sde.training import step as step_lib
 
 # Config files import their defaults as ``configs.*``, from the repository root.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
@@ -86,12 +87,12 @@ def main(argv):
     batch_sharding = NamedSharding(mesh, P(None, "data"))
 
     sde, model = get_sde(config), get_model(config.model)
-    optimizer = train.get_optimizer(config.optim)
+    optimizer = state_lib.get_optimizer(config.optim)
     data_shape = data_lib.data_shape(config.data)
     conditional = config.model.get("num_classes", 0) > 0
 
     def fresh_state():
-        state = train.create_train_state(
+        state = state_lib.create_train_state(
             jax.random.PRNGKey(config.seed),
             model=model,
             optimizer=optimizer,
@@ -106,7 +107,7 @@ def main(argv):
     )
     max_n = max(int(n) for n in FLAGS.n_jitted_steps)
     local = [next(batches) for _ in range(max_n)]
-    train_steps = train.get_train_steps(config, sde, model, optimizer, mesh)
+    train_steps = step_lib.get_train_steps(config, sde, model, optimizer, mesh)
     print(
         f"{config.data.dataset}, {training.sde}, model {config.model.name}, "
         f"{jax.device_count()} x {jax.devices()[0].platform}, batch {training.batch_size} x "

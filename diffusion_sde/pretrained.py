@@ -1,4 +1,6 @@
-r"""Published checkpoints: read them into this codebase's networks, or import them into a workdir.
+r"""Published checkpoints, read into this codebase's networks.
+
+(``training.checkpoint.import_published`` writes one as the checkpoint of a workdir.)
 
 The field evaluates fast samplers on the pretrained models of score_sde (Song et al. 2021)
 and of DDPM (Ho et al. 2020, as ported by diffusers). Our networks compute what the 2021
@@ -82,7 +84,7 @@ __all__ = [
     "FormatError",
     "MismatchError",
     "SourceWeights",
-    "import_checkpoint",
+    "convert_checkpoint",
     "load_variables",
     "name_table",
     "read_checkpoint",
@@ -873,24 +875,18 @@ def _source_leaf(dialect: str, our_leaf: str, inner_source: str, ndim: int, our_
 def _pair_modules(config, dialect: str, source_names, calls, params) -> list[tuple[str, str, str]]:
     """``(our module, its class, the source's module prefix)`` for our modules with params."""
     with_params = [(name, cls) for name, cls in calls if name in params]
-    if dialect == "edm":
-        prefixes = _edm_prefixes(config)
-        if len(prefixes) != len(with_params):
-            raise MismatchError(
-                f"the config's network has {len(with_params)} modules with parameters, EDM's "
-                f"SongUNet layout for it {len(prefixes)}"
-            )
-        return [(n, c, p) for (n, c), p in zip(with_params, prefixes, strict=True)]
-    if dialect == "diffusers":
-        if config.name != "ddpm":
+    layouts = {"edm": ("network", "EDM's SongUNet"), "diffusers": ("DDPM", "diffusers'")}
+    if dialect in layouts:
+        if dialect == "diffusers" and config.name != "ddpm":
             raise MismatchError(
                 f"diffusers checkpoints load into model.name='ddpm' (got {config.name!r})"
             )
-        prefixes = _diffusers_prefixes(config)
+        prefixes = _edm_prefixes(config) if dialect == "edm" else _diffusers_prefixes(config)
         if len(prefixes) != len(with_params):
+            ours, theirs = layouts[dialect]
             raise MismatchError(
-                f"the config's DDPM has {len(with_params)} modules with parameters, "
-                f"diffusers' layout for it {len(prefixes)}"
+                f"the config's {ours} has {len(with_params)} modules with parameters, "
+                f"{theirs} layout for it {len(prefixes)}"
             )
         return [(n, c, p) for (n, c), p in zip(with_params, prefixes, strict=True)]
     if dialect == "torch":
@@ -1037,6 +1033,21 @@ def _convert(entries: list[Entry], arrays: dict[str, np.ndarray]) -> dict:
     return params
 
 
+def convert_checkpoint(
+    config: ml_collections.ConfigDict, path: str | pathlib.Path, format: str
+) -> tuple[dict, dict | None, int]:
+    """``(params, ema_params, step)`` of the checkpoint at ``path`` (``format`` one of
+    :data:`FORMATS`) as parameters of the network ``config.model`` builds: its raw weights,
+    its EMA weights (None when the file has none) and its training step."""
+    from diffusion_sde import data as data_lib
+
+    weights = read_checkpoint(path, format)
+    _check_preconditioning(config, weights)
+    entries = _table(_model_config(config), weights, data_lib.data_shape(config.data))
+    ema_params = _convert(entries, weights.ema) if weights.ema is not None else None
+    return _convert(entries, weights.raw), ema_params, weights.step
+
+
 def load_variables(
     config: ml_collections.ConfigDict,
     path: str | pathlib.Path,
@@ -1051,72 +1062,5 @@ def load_variables(
     >>> variables = load_variables(config, "checkpoint_8.pth", "score_sde_pytorch")
     >>> score_fn = get_score_fn(sde, get_model(config.model), variables)
     """
-    from diffusion_sde import data as data_lib
-
-    weights = read_checkpoint(path, format)
-    _check_preconditioning(config, weights)
-    entries = _table(_model_config(config), weights, data_lib.data_shape(config.data))
-    arrays = weights.ema if ema and weights.ema is not None else weights.raw
-    return {"params": _convert(entries, arrays)}
-
-
-def import_checkpoint(
-    config: ml_collections.ConfigDict,
-    workdir: str | pathlib.Path,
-    path: str | pathlib.Path,
-    format: str,
-) -> pathlib.Path:
-    """Write ``workdir`` (new or without checkpoints) so that ``--mode=sample`` and
-    ``--mode=eval`` use the published checkpoint unchanged: an orbax checkpoint of a train
-    state whose ``params`` are the raw weights and ``ema_params`` the EMA ones (the raw ones
-    again when the file has none), at the source's step, plus ``config.json`` and
-    ``state_spec.json``. Returns the checkpoint directory."""
-    from diffusion_sde import data as data_lib
-    from diffusion_sde import train
-    from diffusion_sde.training import step as step_lib
-
-    workdir = pathlib.Path(workdir).absolute()
-    if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
-        raise CheckpointError(
-            f"{workdir}/checkpoints already has checkpoints; import into a new --workdir"
-        )
-    weights = read_checkpoint(path, format)
-    _check_preconditioning(config, weights)
-    entries = _table(_model_config(config), weights, data_lib.data_shape(config.data))
-    params = _convert(entries, weights.raw)
-    ema_params = _convert(entries, weights.ema) if weights.ema is not None else params
-
-    from diffusion_sde.models import get_model
-
-    optimizer = train.get_optimizer(config.optim)
-    abstract = jax.eval_shape(
-        lambda key: train.create_train_state(
-            key,
-            model=get_model(config.model),
-            optimizer=optimizer,
-            data_shape=data_lib.data_shape(config.data),
-            conditional=config.model.get("num_classes", 0) > 0,
-        ),
-        jax.random.PRNGKey(config.seed),
-    )
-    # The same tree as a trained run's state (leaf order and dtypes), so restore fits.
-    params = jax.tree.map(lambda a, s: a.astype(s.dtype), params, abstract.params)
-    ema_params = jax.tree.map(lambda a, s: a.astype(s.dtype), ema_params, abstract.ema_params)
-    state = step_lib.TrainState(
-        step=jnp.asarray(weights.step, jnp.int32),
-        params=params,
-        ema_params=ema_params,
-        opt_state=optimizer.init(params),
-        key=jax.random.PRNGKey(config.seed),
-    )
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "samples").mkdir(exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    train.check_state_spec(workdir, jax.eval_shape(lambda: state), write=True)
-    import orbax.checkpoint as ocp
-
-    manager = train.checkpoint_manager(workdir, config)
-    manager.save(weights.step, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    return workdir / "checkpoints"
+    params, ema_params, _ = convert_checkpoint(config, path, format)
+    return {"params": ema_params if ema and ema_params is not None else params}

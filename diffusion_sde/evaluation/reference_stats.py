@@ -1,7 +1,7 @@
 """Reference statistics of a dataset split for FID and KID.
 
-    python -m diffusion_sde.reference_stats --config=configs/digits_vp.py --out=runs/digits_train.npz
-    python -m diffusion_sde.reference_stats --config=configs/cifar10_ddpmpp_continuous_vp.py \\
+    python -m diffusion_sde.evaluation.reference_stats --config=configs/digits_vp.py --out=runs/digits_train.npz
+    python -m diffusion_sde.evaluation.reference_stats --config=configs/cifar10_ddpmpp_continuous_vp.py \\
         --extractor=inception_v3 --inception_weights=PATH/pt_inception-2015-12-05-6726825d.pth \\
         --out=runs/cifar10_train_inception.npz
 
@@ -16,7 +16,7 @@ reads the split (``--split``, default ``train``) of the config's ``data.dataset`
 
 The extractor defaults to ``digits`` for the digits (offline: its classifier trains in
 seconds on first use), ``mnist`` for MNIST, and ``inception_v3`` otherwise (which needs
-pytorch-fid's weights file, see :mod:`diffusion_sde.inception`).
+pytorch-fid's weights file, see :mod:`diffusion_sde.evaluation.inception`).
 :func:`metrics.sample_quality` takes the file's path as its reference. Runs on one
 process (every example is read by this host).
 """
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_sde import data as data_lib
-from diffusion_sde import metrics
+from diffusion_sde.evaluation import metrics
 
 # data.dataset -> its default feature extractor (inception_v3 for any other dataset).
 DEFAULT_EXTRACTORS = {"digits": "digits", "mnist": "mnist"}

@@ -17,14 +17,14 @@ them, as the training images were; :func:`sample_quality` does this.
 Feature extractors (:data:`FEATURE_EXTRACTORS`, chosen by :func:`get_feature_extractor`):
 
 - ``inception_v3``: pool3 of the FID Inception-v3 (2048-d; weights file supplied by the
-  user, see :mod:`diffusion_sde.inception`), for natural images of any size;
+  user, see :mod:`diffusion_sde.evaluation.inception`), for natural images of any size;
 - ``digits``: the 128-d penultimate layer of a small CNN trained on the 8x8 digits
-  (:mod:`diffusion_sde.feature_nets`; trained once, in seconds, and cached), offline;
+  (:mod:`diffusion_sde.evaluation.feature_nets`; trained once, in seconds, and cached), offline;
 - ``mnist``: the same classifier trained on TFDS ``mnist`` when it is prepared locally.
 
 FIDs and KIDs are comparable only between numbers computed with the same extractor (and,
 for FID, similar sample sizes: the estimator is biased upwards for small ``N``).
-``python -m diffusion_sde.reference_stats`` writes the statistics of a training split.
+``python -m diffusion_sde.evaluation.reference_stats`` writes the statistics of a training split.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_sde import feature_nets, inception
+from diffusion_sde.evaluation import feature_nets, inception
 
 # ----------------------------------------------------------------------------------------
 # Fréchet distance
@@ -422,7 +422,7 @@ def sample_quality(
       reference: the reference's features ``(M, D)``; or its statistics, a mapping with
         ``mu``, ``sigma`` and optionally ``features`` (for KID) and ``extractor`` (checked
         against ``extractor.name``); or the path of such an ``.npz`` (as written by
-        ``python -m diffusion_sde.reference_stats``).
+        ``python -m diffusion_sde.evaluation.reference_stats``).
       extractor: from :func:`get_feature_extractor`.
       rounding: float samples are clipped and quantised to ``extractor.num_levels`` pixel
         levels by :func:`quantize` with this rounding (``floor``, the 2021 reference's, or

@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_sde.feature_nets import CACHE_ENV, cache_dir
+from diffusion_sde.evaluation.feature_nets import CACHE_ENV, cache_dir
 
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from configs import default_cifar10
-from diffusion_sde import checkpoints, evaluate
+from diffusion_sde import pretrained
+from diffusion_sde.evaluation import evaluate
 from diffusion_sde.models import count_parameters, get_model
+from diffusion_sde.training import checkpoint
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "checkpoints"
 NAMES = sorted(p.stem for p in FIXTURES.glob("*.json"))
@@ -64,7 +66,7 @@ def test_fixture_matches_source_outputs(name):
     x, time_cond = jnp.asarray(reference["x"]), jnp.asarray(reference["time_cond"])
     outputs = [("out_raw", False)] + [("out_ema", True)] * ("out_ema" in reference)
     for key, ema in outputs:
-        variables = checkpoints.load_variables(
+        variables = pretrained.load_variables(
             config, FIXTURES / meta["file"], meta["format"], ema=ema
         )
         assert count_parameters(variables) < 400_000
@@ -78,7 +80,7 @@ def test_fixture_matches_source_outputs(name):
 
 def test_name_table_is_explicit():
     config, meta = fixture_config("ncsnpp_ve")
-    table = checkpoints.name_table(config, FIXTURES / meta["file"], meta["format"])
+    table = pretrained.name_table(config, FIXTURES / meta["file"], meta["format"])
     rows = {entry.source: entry for entry in table}
     assert rows["all_modules.0.W"].target == ("GaussianFourierProjection_0", "W")
     conv = rows["all_modules.3.weight"]
@@ -93,14 +95,14 @@ def test_name_table_is_explicit():
 
 def test_wrong_format_is_refused():
     config, meta = fixture_config("ddpm")
-    with pytest.raises(checkpoints.FormatError, match="not a diffusers UNet2DModel|safetensors"):
-        checkpoints.load_variables(config, FIXTURES / "ddpm.pth", "diffusers")
-    with pytest.raises(checkpoints.FormatError, match="not a torch.save zip"):
-        checkpoints.load_variables(config, FIXTURES / "flax_ddpm.msgpack", "score_sde_pytorch")
-    with pytest.raises(checkpoints.FormatError, match="not a Flax msgpack|not a score_sde"):
-        checkpoints.load_variables(config, FIXTURES / "ddpm.pth", "score_sde")
-    with pytest.raises(checkpoints.CheckpointError, match="valid: "):
-        checkpoints.load_variables(config, FIXTURES / "ddpm.pth", "tensorflow")
+    with pytest.raises(pretrained.FormatError, match="not a diffusers UNet2DModel|safetensors"):
+        pretrained.load_variables(config, FIXTURES / "ddpm.pth", "diffusers")
+    with pytest.raises(pretrained.FormatError, match="not a torch.save zip"):
+        pretrained.load_variables(config, FIXTURES / "flax_ddpm.msgpack", "score_sde_pytorch")
+    with pytest.raises(pretrained.FormatError, match="not a Flax msgpack|not a score_sde"):
+        pretrained.load_variables(config, FIXTURES / "ddpm.pth", "score_sde")
+    with pytest.raises(pretrained.CheckpointError, match="valid: "):
+        pretrained.load_variables(config, FIXTURES / "ddpm.pth", "tensorflow")
 
 
 @pytest.mark.parametrize(
@@ -116,34 +118,34 @@ def test_truncated_file_is_refused(tmp_path, name, file, format):
     data = (FIXTURES / file).read_bytes()
     truncated = tmp_path / pathlib.Path(file).name
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(checkpoints.FormatError, match="truncated|not a"):
-        checkpoints.load_variables(config, truncated, format)
+    with pytest.raises(pretrained.FormatError, match="truncated|not a"):
+        pretrained.load_variables(config, truncated, format)
 
 
 def test_mismatched_config_names_parameter_and_shapes():
     config, meta = fixture_config("ddpmpp_vp")
     config.model.nf = 16
-    with pytest.raises(checkpoints.MismatchError, match=r"all_modules\.\d+\..*\(.*\).*\(.*\)"):
-        checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    with pytest.raises(pretrained.MismatchError, match=r"all_modules\.\d+\..*\(.*\).*\(.*\)"):
+        pretrained.load_variables(config, FIXTURES / meta["file"], meta["format"])
     config, meta = fixture_config("ddpmpp_vp")
     config.model.num_res_blocks = 1
-    with pytest.raises(checkpoints.MismatchError, match="modules with parameters"):
-        checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    with pytest.raises(pretrained.MismatchError, match="modules with parameters"):
+        pretrained.load_variables(config, FIXTURES / meta["file"], meta["format"])
 
 
 def test_fourier_frequencies_need_fourier_in_params():
     for name in ("ncsnpp_ve", "flax_ncsnpp_ve"):
         config, meta = fixture_config(name)
         config.model.fourier_in_params = False
-        with pytest.raises(checkpoints.MismatchError, match="fourier_in_params=True"):
-            checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+        with pytest.raises(pretrained.MismatchError, match="fourier_in_params=True"):
+            pretrained.load_variables(config, FIXTURES / meta["file"], meta["format"])
 
 
 def test_decoder_attention_mismatch_is_refused():
     config, meta = fixture_config("ddpm")
     config.model.decoder_attention = "every_block"
-    with pytest.raises(checkpoints.MismatchError, match="decoder_attention"):
-        checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    with pytest.raises(pretrained.MismatchError, match="decoder_attention"):
+        pretrained.load_variables(config, FIXTURES / meta["file"], meta["format"])
 
 
 def _torch_zip(path: pathlib.Path, obj) -> None:
@@ -155,19 +157,19 @@ def _torch_zip(path: pathlib.Path, obj) -> None:
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     _torch_zip(path, collections.Counter(a=1))  # any global outside the allow-list
-    with pytest.raises(checkpoints.FormatError, match="collections.Counter"):
-        checkpoints.read_torch(path)
+    with pytest.raises(pretrained.FormatError, match="collections.Counter"):
+        pretrained.read_torch(path)
 
 
 def test_edm_and_other_networks_are_refused_saying_what_differs(tmp_path):
     config, _ = fixture_config("ncsnpp_ve")
     pickle_file = tmp_path / "edm-cifar10-32x32-uncond-vp.pkl"
     pickle_file.write_bytes(b"\x80\x04not a zip")
-    with pytest.raises(checkpoints.FormatError, match="preconditioning"):
-        checkpoints.load_variables(config, pickle_file, "edm")
-    with pytest.raises(checkpoints.FormatError, match="not a Flax msgpack"):
-        checkpoints.load_variables(config, pickle_file, "consistency_models")
-    # jcm's State (consistency_models_cifar10), as its checkpoints.save_checkpoint writes it
+    with pytest.raises(pretrained.FormatError, match="preconditioning"):
+        pretrained.load_variables(config, pickle_file, "edm")
+    with pytest.raises(pretrained.FormatError, match="not a Flax msgpack"):
+        pretrained.load_variables(config, pickle_file, "consistency_models")
+    # jcm's State (consistency_models_cifar10), as its flax checkpoints.save_checkpoint writes it
     from flax import serialization
 
     jcm = tmp_path / "checkpoint_80"
@@ -187,15 +189,15 @@ def test_edm_and_other_networks_are_refused_saying_what_differs(tmp_path):
         )
     )
     for format in ("consistency_models", "score_sde"):
-        with pytest.raises(checkpoints.FormatError, match="EDM's denoiser.*c_skip"):
-            checkpoints.load_variables(config, jcm, format)
+        with pytest.raises(pretrained.FormatError, match="EDM's denoiser.*c_skip"):
+            pretrained.load_variables(config, jcm, format)
     # a diffusers NCSN++ (Fourier time projection, skip blocks)
     header = json.dumps({"time_proj.W": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
     header = header.encode()
     ncsnpp = tmp_path / "diffusion_pytorch_model.safetensors"
     ncsnpp.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
-    with pytest.raises(checkpoints.FormatError, match="NCSN\\+\\+"):
-        checkpoints.load_variables(config, ncsnpp, "diffusers")
+    with pytest.raises(pretrained.FormatError, match="NCSN\\+\\+"):
+        pretrained.load_variables(config, ncsnpp, "diffusers")
 
 
 # ------------------------------------------------------------------------ import mode
@@ -230,9 +232,9 @@ def test_import_mode_writes_a_workdir_that_sample_mode_uses(tmp_path):
     main.main([])
     assert (workdir / "config.json").exists() and (workdir / "state_spec.json").exists()
 
-    _, _, state = evaluate.load_trained(config, workdir)
+    _, _, state = checkpoint.load_trained(config, workdir)
     assert int(state.step) == 17
-    expected = checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    expected = pretrained.load_variables(config, FIXTURES / meta["file"], meta["format"])
     for a, b in zip(
         jax.tree.leaves(state.ema_params),
         jax.tree.leaves(expected["params"]),
@@ -250,8 +252,8 @@ def test_import_mode_writes_a_workdir_that_sample_mode_uses(tmp_path):
     images = next(iter(shard.values()))
     assert images.shape[0] == 2 and np.all(np.isfinite(images))
 
-    with pytest.raises(checkpoints.CheckpointError, match="new --workdir"):
-        checkpoints.import_checkpoint(config, workdir, FIXTURES / meta["file"], meta["format"])
+    with pytest.raises(pretrained.CheckpointError, match="new --workdir"):
+        checkpoint.import_published(config, workdir, FIXTURES / meta["file"], meta["format"])
     shutil.rmtree(workdir)
     flags.FLAGS.unparse_flags()
 
@@ -269,8 +271,8 @@ def test_edm_precond_import_samples_with_edm_sampler(tmp_path):
     config.sampling.eps = 0.002
     config.eval.batch_size = config.eval.num_samples = 2
     workdir = tmp_path / "imported"
-    checkpoints.import_checkpoint(config, workdir, FIXTURES / meta["file"], meta["format"])
-    _, _, state = evaluate.load_trained(config, workdir)
+    checkpoint.import_published(config, workdir, FIXTURES / meta["file"], meta["format"])
+    _, _, state = checkpoint.load_trained(config, workdir)
     reference = np.load(FIXTURES / "edm_ddpmpp_edm.npz")
     score_fn = get_score_fn(EDMSDE(), get_model(config.model), {"params": state.ema_params})
     x, sigma = reference["noisy"], reference["sigma"]
@@ -325,14 +327,14 @@ def test_name_table_fits_the_published_full_size_layout(source):
     }
     if edm:  # as the reader: EDMPrecond's bias-free map_augment (augment_dim 9) is dropped
         precond = "EDMPrecond" if source.startswith("edm/edm-") else "VPPrecond"
-        arrays = checkpoints.edm_network_state(arrays, source, precond)
+        arrays = pretrained.edm_network_state(arrays, source, precond)
     elif not diffusers:
         arrays = {k.removeprefix("module.").removeprefix("model."): v for k, v in arrays.items()}
     dialect = "diffusers" if diffusers else "edm" if edm else "torch"
-    weights = checkpoints.SourceWeights(arrays, None, 0, dialect)
-    table = checkpoints.name_table(config, weights)
+    weights = pretrained.SourceWeights(arrays, None, 0, dialect)
+    table = pretrained.name_table(config, weights)
     for entry in table:
-        converted = checkpoints.TRANSFORMS[entry.transform](arrays[entry.source])
+        converted = pretrained.TRANSFORMS[entry.transform](arrays[entry.source])
         assert converted.shape == entry.shape, entry
     ours = sum(int(np.prod(entry.shape)) for entry in table)
     # Ours counts NCSN++'s Fourier frequencies W (nf of them), a buffer-like parameter
@@ -352,8 +354,8 @@ def test_diffusers_settings_we_do_not_compute_are_refused(tmp_path):
     unet = json.loads((directory / "config.json").read_text())
     unet["attention_head_dim"] = 8
     (directory / "config.json").write_text(json.dumps(unet))
-    with pytest.raises(checkpoints.MismatchError, match="attention_head_dim = 8"):
-        checkpoints.load_variables(config, directory, "diffusers")
+    with pytest.raises(pretrained.MismatchError, match="attention_head_dim = 8"):
+        pretrained.load_variables(config, directory, "diffusers")
 
 
 def test_edm_vp_baseline_is_score_sde_vp_adapter():
@@ -365,7 +367,7 @@ def test_edm_vp_baseline_is_score_sde_vp_adapter():
 
     config, meta = fixture_config("edm_ddpmpp_vp")
     reference = np.load(FIXTURES / "edm_ddpmpp_vp.npz")
-    variables = checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    variables = pretrained.load_variables(config, FIXTURES / meta["file"], meta["format"])
     sde = VPSDE(beta_min=0.1, beta_max=20.0)
     sigma = reference["sigma"].astype(np.float64)
     beta_min, beta_d = 0.1, 19.9
@@ -393,10 +395,10 @@ def test_edm_precond_is_our_edm_parametrisation_on_edm_sde():
 
     config, meta = fixture_config("edm_ddpmpp_edm")
     reference = np.load(FIXTURES / "edm_ddpmpp_edm.npz")
-    weights = checkpoints.read_checkpoint(FIXTURES / meta["file"], "edm")
+    weights = pretrained.read_checkpoint(FIXTURES / meta["file"], "edm")
     assert (weights.precond, weights.sigma_data) == ("EDMPrecond", 0.5)
     assert "map_augment.weight" not in weights.raw  # dropped, bias-free
-    variables = checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    variables = pretrained.load_variables(config, FIXTURES / meta["file"], meta["format"])
     sde = EDMSDE(sigma_min=0.002, sigma_max=80.0)
     score_fn = get_score_fn(sde, get_model(config.model), variables, parametrization="edm")
     x, sigma = reference["noisy"], reference["sigma"]
@@ -417,29 +419,29 @@ def test_edm_precond_needs_the_edm_config(monkeypatch):
         wrong = config.copy_and_resolve_references()
         section, key = field.split(".")
         wrong[section][key] = value
-        with pytest.raises(checkpoints.MismatchError, match="model.parametrization='edm'"):
-            checkpoints.load_variables(wrong, path, "edm")
+        with pytest.raises(pretrained.MismatchError, match="model.parametrization='edm'"):
+            pretrained.load_variables(wrong, path, "edm")
     # The VP baseline is not loaded under the EDM config either.
-    with pytest.raises(checkpoints.MismatchError, match="VPPrecond network predicts the noise"):
-        checkpoints.load_variables(config, FIXTURES / "edm_ddpmpp_vp.pt", "edm")
-    export = checkpoints.read_torch(path)
+    with pytest.raises(pretrained.MismatchError, match="VPPrecond network predicts the noise"):
+        pretrained.load_variables(config, FIXTURES / "edm_ddpmpp_vp.pt", "edm")
+    export = pretrained.read_torch(path)
     state = collections.OrderedDict(export["state_dict"])
     # An export with another sigma_data needs that model.sigma_data.
-    monkeypatch.setattr(checkpoints, "read_torch", lambda _: {**export, "sigma_data": 1.0})
-    with pytest.raises(checkpoints.MismatchError, match="model.sigma_data=1.0"):
-        checkpoints.load_variables(config, path, "edm")
+    monkeypatch.setattr(pretrained, "read_torch", lambda _: {**export, "sigma_data": 1.0})
+    with pytest.raises(pretrained.MismatchError, match="model.sigma_data=1.0"):
+        pretrained.load_variables(config, path, "edm")
     config.model.sigma_data = 1.0
-    assert checkpoints.load_variables(config, path, "edm")["params"]
+    assert pretrained.load_variables(config, path, "edm")["params"]
     # A map_augment with a bias would add a constant to the embedding: refused.
     state["model.map_augment.bias"] = np.ones(8, np.float32)
-    monkeypatch.setattr(checkpoints, "read_torch", lambda _: {**export, "state_dict": state})
-    with pytest.raises(checkpoints.FormatError, match="map_augment has a bias"):
-        checkpoints.load_variables(config, path, "edm")
+    monkeypatch.setattr(pretrained, "read_torch", lambda _: {**export, "state_dict": state})
+    with pytest.raises(pretrained.FormatError, match="map_augment has a bias"):
+        pretrained.load_variables(config, path, "edm")
     # A class-conditional SongUNet (map_label) is refused.
     del state["model.map_augment.bias"]
     state["model.map_label.weight"] = np.ones((8, 10), np.float32)
-    with pytest.raises(checkpoints.FormatError, match="class-conditional"):
-        checkpoints.load_variables(config, path, "edm")
+    with pytest.raises(pretrained.FormatError, match="class-conditional"):
+        pretrained.load_variables(config, path, "edm")
 
 
 def test_edm_exports_other_than_vp_and_edm_are_refused(tmp_path):
@@ -450,17 +452,17 @@ def test_edm_exports_other_than_vp_and_edm_are_refused(tmp_path):
     ]:
         path = tmp_path / f"{precond}.pt"
         _torch_zip(path, {"precond": precond, "state_dict": collections.OrderedDict()})
-        with pytest.raises(checkpoints.FormatError, match=reason):
-            checkpoints.load_variables(config, path, "edm")
+        with pytest.raises(pretrained.FormatError, match=reason):
+            pretrained.load_variables(config, path, "edm")
     # A bare state dict cannot say its preconditioner (edm-* and baseline-* share names).
     bare = tmp_path / "bare.pt"
     _torch_zip(bare, collections.OrderedDict())
-    with pytest.raises(checkpoints.FormatError, match="preconditioner.*torch.save"):
-        checkpoints.load_variables(config, bare, "edm")
+    with pytest.raises(pretrained.FormatError, match="preconditioner.*torch.save"):
+        pretrained.load_variables(config, bare, "edm")
     # The network must be the config's DDPM++.
     config.model.resblock_type = "ddpm"
-    with pytest.raises(checkpoints.MismatchError, match="resblock_type='biggan'"):
-        checkpoints.load_variables(config, FIXTURES / "edm_ddpmpp_vp.pt", "edm")
+    with pytest.raises(pretrained.MismatchError, match="resblock_type='biggan'"):
+        pretrained.load_variables(config, FIXTURES / "edm_ddpmpp_vp.pt", "edm")
 
 
 def test_ncsnv2_checkpoints_are_refused_saying_what_differs(tmp_path):
@@ -468,8 +470,8 @@ def test_ncsnv2_checkpoints_are_refused_saying_what_differs(tmp_path):
 
     config, meta = fixture_config("ddpm")
     config.model.name = "ncsnv2"
-    with pytest.raises(checkpoints.MismatchError, match="2 nf channels"):
-        checkpoints.load_variables(config, FIXTURES / meta["file"], meta["format"])
+    with pytest.raises(pretrained.MismatchError, match="2 nf channels"):
+        pretrained.load_variables(config, FIXTURES / meta["file"], meta["format"])
     # score_sde's Flax NCSNv2 state (its auto-named RefineBlocks)
     one = {"RefineBlock_0": {"Conv_0": {"kernel": np.ones((3, 3, 8, 8), np.float32)}}}
     state = dict(
@@ -483,8 +485,8 @@ def test_ncsnv2_checkpoints_are_refused_saying_what_differs(tmp_path):
     )
     path = tmp_path / "checkpoint_1"
     path.write_bytes(serialization.msgpack_serialize(state))
-    with pytest.raises(checkpoints.FormatError, match="29,694,083"):
-        checkpoints.load_variables(config, path, "score_sde")
+    with pytest.raises(pretrained.FormatError, match="29,694,083"):
+        pretrained.load_variables(config, path, "score_sde")
 
 
 def test_tensor_reaching_past_its_storage_is_refused(tmp_path, monkeypatch):
@@ -525,5 +527,5 @@ def test_tensor_reaching_past_its_storage_is_refused(tmp_path, monkeypatch):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", buffer.getvalue())
         archive.writestr("archive/data/0", np.zeros(4, np.float32).tobytes())
-    with pytest.raises(checkpoints.FormatError, match="reaches past its storage"):
-        checkpoints.read_torch(path)
+    with pytest.raises(pretrained.FormatError, match="reaches past its storage"):
+        pretrained.read_torch(path)

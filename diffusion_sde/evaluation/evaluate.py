@@ -14,7 +14,7 @@ step ``k * training.snapshot_freq``; snapshots not in the workdir are listed and
   ``eval.is_splits`` splits) against the training split through ``eval.feature_extractor``
   (default: the digits / MNIST classifiers for those datasets, Inception-v3 otherwise,
   whose reference statistics come from ``eval.reference_stats``, written by
-  ``python -m diffusion_sde.reference_stats``), in
+  ``python -m diffusion_sde.evaluation.reference_stats``), in
   ``DIR/eval/sample_quality_step_<step>.json``;
 - one row per evaluated checkpoint in ``DIR/eval/results.jsonl`` (step, snapshot,
   bits/dim, FID, KID, IS, number of samples), printed as a table at the end.
@@ -34,7 +34,6 @@ samples are drawn.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -46,52 +45,9 @@ import numpy as np
 
 from diffusion_sde import data as data_lib
 from diffusion_sde import errors, likelihood, plotting, sampling
-from diffusion_sde.models import continuous_labels, get_model, get_score_fn
-from diffusion_sde.sde import get_sde
-from diffusion_sde.train import check_state_spec, create_train_state, get_optimizer, restore_latest
-
-
-def load_trained(config, workdir: str | pathlib.Path, step: int | None = None):
-    """``(sde, model, state)`` from the checkpoint of ``step`` in ``workdir``, or from the
-    newest readable one when ``step`` is None."""
-    import orbax.checkpoint as ocp
-
-    model = get_model(config.model)
-    init = functools.partial(
-        create_train_state,
-        model=model,
-        optimizer=get_optimizer(config.optim),
-        data_shape=data_lib.data_shape(config.data),
-        conditional=config.model.get("num_classes", 0) > 0,
-    )
-    abstract_state = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-    check_state_spec(pathlib.Path(workdir), abstract_state, write=False)
-    # Restore onto this process's first device, whatever topology wrote the checkpoint.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_state = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), abstract_state
-    )
-    manager = ocp.CheckpointManager(
-        pathlib.Path(workdir).absolute() / "checkpoints",
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    )
-    if step is None:
-        state, _ = restore_latest(manager, abstract_state)
-    elif step in manager.all_steps():
-        state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    else:
-        available = sorted(manager.all_steps())
-        manager.close()
-        raise errors.MissingCheckpointError(
-            f"No checkpoint of step {step} under {workdir}/checkpoints (it has {available})."
-        )
-    manager.close()
-    if state is None:
-        raise errors.MissingCheckpointError(
-            f"No readable checkpoint under {workdir}/checkpoints; train first with "
-            f"--mode=train and the same --workdir."
-        )
-    return get_sde(config), model, state
+from diffusion_sde.evaluation import metrics, reference_stats
+from diffusion_sde.models import continuous_labels, get_score_fn
+from diffusion_sde.training import checkpoint as checkpoint_lib
 
 
 def checkpoint_steps(config, workdir: str | pathlib.Path) -> list[int | None]:
@@ -99,8 +55,6 @@ def checkpoint_steps(config, workdir: str | pathlib.Path) -> list[int | None]:
     ``config.eval.begin_ckpt >= 1``, else the steps ``k * training.snapshot_freq`` of the
     snapshots ``k = begin_ckpt .. end_ckpt`` that are in ``workdir`` (the missing ones are
     logged; none at all is an error that lists what the workdir has)."""
-    import orbax.checkpoint as ocp
-
     evaluation = config.eval
     begin = evaluation.get("begin_ckpt", 0) or 0
     if begin < 1:
@@ -109,13 +63,7 @@ def checkpoint_steps(config, workdir: str | pathlib.Path) -> list[int | None]:
     if end < begin:
         raise ValueError(f"eval.end_ckpt ({end}) is before eval.begin_ckpt ({begin}).")
     directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    available = []
-    if directory.is_dir():
-        manager = ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(read_only=True)
-        )
-        available = sorted(manager.all_steps())
-        manager.close()
+    available = checkpoint_lib.available_steps(workdir)
     freq = config.training.snapshot_freq
     wanted = {k: k * freq for k in range(begin, end + 1)}
     steps = [step for step in wanted.values() if step in available]
@@ -292,7 +240,7 @@ def evaluate_bpd(config, workdir: str | pathlib.Path, step: int | None = None) -
     (None: the newest), written to ``workdir/eval/bpd_step_<step>.json``; finished batches
     are kept in ``workdir/eval/bpd_step_<step>/`` so that a killed evaluation resumes."""
     workdir = pathlib.Path(workdir)
-    sde, model, state = load_trained(config, workdir, step)
+    sde, model, state = checkpoint_lib.load_trained(config, workdir, step)
     step = int(state.step)
     stem = workdir / "eval" / f"bpd_step_{step:08d}"
     result = evaluate_likelihood(
@@ -329,11 +277,9 @@ def evaluate_sample_quality(config, workdir: str | pathlib.Path, step: int | Non
     The features come from ``config.eval.feature_extractor`` (``metrics.FEATURE_EXTRACTORS``;
     by default the project's own classifier for ``digits`` and ``mnist``, Inception-v3
     otherwise). The reference is ``config.eval.reference_stats`` (an ``.npz`` from
-    ``python -m diffusion_sde.reference_stats``) or, when that is empty, computed from the
+    ``python -m diffusion_sde.evaluation.reference_stats``) or, when that is empty, computed from the
     training split and cached as ``workdir/eval/reference_<dataset>_<extractor>.npz``.
     """
-    from diffusion_sde import metrics, reference_stats
-
     workdir = pathlib.Path(workdir)
     evaluation = config.eval
     name = evaluation.get("feature_extractor") or reference_stats.default_extractor(
@@ -346,7 +292,7 @@ def evaluate_sample_quality(config, workdir: str | pathlib.Path, step: int | Non
         if name == "inception_v3":
             raise ValueError(
                 "eval.reference_stats is empty: compute the Inception statistics of the "
-                "training split once with `python -m diffusion_sde.reference_stats "
+                "training split once with `python -m diffusion_sde.evaluation.reference_stats "
                 "--config=... --extractor=inception_v3 --out=FILE.npz` and pass "
                 "--config.eval.reference_stats=FILE.npz."
             )
@@ -411,7 +357,7 @@ def sample(config, workdir: str | pathlib.Path, step: int | None = None) -> path
     from tqdm.auto import tqdm
 
     workdir = pathlib.Path(workdir)
-    sde, model, state = load_trained(config, workdir, step)
+    sde, model, state = checkpoint_lib.load_trained(config, workdir, step)
     step = int(state.step)
     shape = (config.eval.batch_size, *data_lib.data_shape(config.data))
     sampler = sampling.get_sampler(config.sampling, sde, shape)
