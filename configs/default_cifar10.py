@@ -91,7 +91,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.ema_rate = 0.9999
     model.dtype = "float32"  # computation dtype: 'float32' | 'bfloat16'
     model.num_classes = 0  # > 0: class-conditional, label num_classes is the null label
-    model.conv_impl = "auto"  # see layers.CONV_IMPLS; auto: Winograd on CPU, XLA's otherwise
+    model.conv_impl = "auto"  # see convolution.CONV_IMPLS; auto: Winograd on CPU, XLA's otherwise
     # To load published checkpoints (diffusion_sde.pretrained): the Fourier frequencies as
     # the parameter W (True for score_sde's NCSN++), and where the DDPM decoder attends
     # ('every_block' as Ho et al. and diffusers, 'once_per_level' as score_sde's DDPM).

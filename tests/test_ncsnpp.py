@@ -1,7 +1,8 @@
-"""NCSN++/DDPM++ (models/ncsnpp.py) and its building blocks (models/layers.py).
+"""NCSN++/DDPM++ (models/ncsnpp.py), its building blocks (models/layers.py), the
+convolutions (models/convolution.py) and the time embeddings (models/common.py).
 
 Faithfulness: the parameter counts of the paper's CIFAR-10 architectures, counted by an
-independent reimplementation (issue 4), are reproduced exactly; the Fourier frequencies
+independent reimplementation, are reproduced exactly; the Fourier frequencies
 are a fixed buffer and not counted. Shapes of every option combination are checked by
 tracing only (``jax.eval_shape``); a few small real forward passes check behaviour.
 """
@@ -15,8 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffusion_sde.models import layers
-from diffusion_sde.models.ncsnpp import NCSNpp, get_sigmas
+from diffusion_sde.models import common, convolution, layers
+from diffusion_sde.models.ncsnpp import NCSNpp
+from diffusion_sde.sde import VESDE
 
 DDPMPP = dict(
     nf=128,
@@ -284,7 +286,8 @@ def test_scale_by_sigma_divides_by_the_noise_level(options):
     if config.embedding_type == "fourier":
         sigma = t  # the label is sigma itself
     else:  # the label indexes the descending SMLD noise levels
-        sigma = get_sigmas(config.sigma_min, config.sigma_max, config.num_scales)[t.astype(int)]
+        vesde = VESDE(sigma_min=config.sigma_min, sigma_max=config.sigma_max, N=config.num_scales)
+        sigma = vesde.discrete_sigmas[::-1][t.astype(int)]
     np.testing.assert_allclose(
         scaled * np.asarray(sigma)[:, None, None, None],
         apply(variables, x, t),
@@ -327,7 +330,7 @@ def test_conv_implementations_agree_with_gradients(conv_impl, kernel_size, strid
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 5, 4))
 
     def loss(impl, x, kernel):
-        y = layers.conv2d(x, kernel, stride=stride, padding=padding, conv_impl=impl)
+        y = convolution.conv2d(x, kernel, stride=stride, padding=padding, conv_impl=impl)
         return jnp.sum(jnp.sin(y)), y
 
     def value_and_grads(impl):
@@ -349,11 +352,11 @@ def test_conv_implementations_agree_with_gradients(conv_impl, kernel_size, strid
 
 
 def test_default_init_is_fan_avg_uniform_and_zero_scale_is_tiny():
-    kernel = layers.default_init(1.0)(jax.random.key(0), (3, 3, 64, 32))
+    kernel = common.default_init(1.0)(jax.random.key(0), (3, 3, 64, 32))
     bound = np.sqrt(3.0 / ((64 * 9 + 32 * 9) / 2))
     assert float(jnp.max(jnp.abs(kernel))) <= bound
     assert float(jnp.max(jnp.abs(kernel))) > 0.95 * bound
-    tiny = layers.default_init(0.0)(jax.random.key(0), (3, 3, 64, 32))
+    tiny = common.default_init(0.0)(jax.random.key(0), (3, 3, 64, 32))
     assert 0 < float(jnp.max(jnp.abs(tiny))) <= 1e-5 * bound
 
 
@@ -401,7 +404,7 @@ def test_upfirdn2d_matches_its_definition(up, down, pad):
 def test_winograd_matrices_compute_a_correlation(m):
     # F(m, 3) in one dimension: A^T [(G g) * (B^T d)] is y_i = sum_k d_{i+k} g_k for the
     # m + 2 inputs d; the 2-D algorithm nests it along rows and columns.
-    F = layers._WINOGRAD[m]
+    F = convolution.WINOGRAD[m]
     rng = np.random.default_rng(m)
     for _ in range(5):
         d, g = rng.normal(size=m + 2), rng.normal(size=3)
@@ -422,10 +425,10 @@ def test_auto_winograd_convolutions_agree_with_xla_in_both_modes(size):
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 64, 64)) / 24.0
 
     def loss(impl, x, kernel):
-        return jnp.sum(jnp.sin(layers.conv2d(x, kernel, conv_impl=impl)))
+        return jnp.sum(jnp.sin(convolution.conv2d(x, kernel, conv_impl=impl)))
 
     def conv(impl):
-        return functools.partial(layers.conv2d, kernel=kernel, conv_impl=impl)
+        return functools.partial(convolution.conv2d, kernel=kernel, conv_impl=impl)
 
     probes = jax.random.normal(jax.random.key(2), (3, *x.shape))
     grads_xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(x, kernel)
@@ -445,12 +448,12 @@ def test_fused_fir_convolutions_match_unfused_away_from_the_border():
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
     fir = (1, 3, 3, 1)
     fused_up = layers.upsample_conv_2d(x, kernel, fir)
-    unfused_up = layers.conv2d(layers.upsample_2d(x, fir), kernel)
+    unfused_up = convolution.conv2d(layers.upsample_2d(x, fir), kernel)
     assert fused_up.shape == unfused_up.shape == (2, 16, 16, 4)
     np.testing.assert_allclose(fused_up[:, 2:-2, 2:-2], unfused_up[:, 2:-2, 2:-2], atol=1e-4)
-    for impl in layers.CONV_IMPLS:
+    for impl in convolution.CONV_IMPLS:
         fused_down = layers.conv_downsample_2d(x, kernel, fir, conv_impl=impl)
-        unfused_down = layers.downsample_2d(layers.conv2d(x, kernel), fir)
+        unfused_down = layers.downsample_2d(convolution.conv2d(x, kernel), fir)
         assert fused_down.shape == unfused_down.shape == (2, 4, 4, 4)
         np.testing.assert_allclose(
             fused_down[:, 1:-1, 1:-1], unfused_down[:, 1:-1, 1:-1], atol=1e-4
@@ -466,16 +469,16 @@ def test_naive_resampling():
 
 def test_time_embeddings():
     t = jnp.array([0.0, 1.0, 500.0])
-    embedding = layers.get_timestep_embedding(t, 16)
+    embedding = common.get_timestep_embedding(t, 16)
     assert embedding.shape == (3, 16)
     np.testing.assert_allclose(embedding[0], np.r_[np.zeros(8), np.ones(8)])
     np.testing.assert_allclose(embedding[1, 0], np.sin(1.0), rtol=1e-6)  # frequency 1
     np.testing.assert_allclose(embedding[1, 7], np.sin(1e-4), rtol=1e-4)  # 1 / max_positions
-    assert layers.get_timestep_embedding(t, 15).shape == (3, 15)
+    assert common.get_timestep_embedding(t, 15).shape == (3, 15)
 
-    projection = layers.GaussianFourierProjection(embedding_size=8, scale=16.0)
+    projection = common.GaussianFourierProjection(embedding_size=8, scale=16.0)
     features, variables = projection.init_with_output(jax.random.key(0), t)
     assert features.shape == (3, 16) and variables == {}  # W is a constant, not a parameter
     np.testing.assert_allclose(features[0], np.r_[np.zeros(8), np.ones(8)], atol=1e-6)
-    again = layers.GaussianFourierProjection(embedding_size=8, scale=16.0).apply({}, t)
+    again = common.GaussianFourierProjection(embedding_size=8, scale=16.0).apply({}, t)
     np.testing.assert_array_equal(features, again)

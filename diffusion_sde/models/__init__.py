@@ -26,8 +26,8 @@ import ml_collections
 
 from diffusion_sde import parametrization as param
 from diffusion_sde.models.classifier import NoiseConditionalClassifier, classifier_log_prob_fn
+from diffusion_sde.models.common import VP_CONTINUOUS_TIME_SCALE
 from diffusion_sde.models.ddpm import DDPM
-from diffusion_sde.models.layers import VP_CONTINUOUS_TIME_SCALE
 from diffusion_sde.models.mlp import MLP
 from diffusion_sde.models.ncsnpp import NCSNpp
 from diffusion_sde.models.ncsnv2 import NCSNv2
@@ -237,17 +237,32 @@ def get_score_fn(
     config_get = (lambda name: config.get(name)) if config is not None else (lambda name: None)
     if parametrization is None:
         parametrization = config_get("parametrization") or default_parametrization(sde)
-    param.check_parametrization(parametrization)
     if sigma_data is None:
         sigma_data = config_get("sigma_data") or param.SIGMA_DATA
-    if config_get("scale_by_sigma") and parametrization not in ("score", "eps"):
+    if isinstance(sde, subVPSDE):
+        continuous = True  # sub-VP has no discrete chain; the 2021 reference's behaviour.
+    _check_score_fn(sde, config, parametrization, continuous)
+    rngs = {} if dropout_key is None else {"dropout": dropout_key}
+
+    def network(x: jax.Array, time_cond: jax.Array) -> jax.Array:
+        return model.apply(variables, x, time_cond, y=class_labels, train=train, rngs=rngs)
+
+    if not continuous:
+        return _discrete_score_fn(sde, network)
+    fourier = config_get("embedding_type") == "fourier"
+    return _continuous_score_fn(sde, network, parametrization, sigma_data, fourier)
+
+
+def _check_score_fn(sde: SDE, config: Any, parametrization: str, continuous: bool) -> None:
+    """Fail loudly on a parametrisation, label kind and network that do not go together."""
+    param.check_parametrization(parametrization)
+    scale_by_sigma = config is not None and config.get("scale_by_sigma")
+    if scale_by_sigma and parametrization not in ("score", "eps"):
         raise ValueError(
             f"model.scale_by_sigma divides the network output by sigma, the score "
             f"parametrisation of NCSN; with model.parametrization={parametrization!r} set "
             "model.scale_by_sigma=False"
         )
-    if isinstance(sde, subVPSDE):
-        continuous = True  # sub-VP has no discrete chain; the 2021 reference's behaviour.
     if not continuous:
         discrete = {VPSDE: "eps", VESDE: "score"}
         if discrete.get(type(sde)) != parametrization:
@@ -258,13 +273,15 @@ def get_score_fn(
             )
     if isinstance(sde, VESDE):
         _check_ve_labels(config, continuous)
-    fourier = config_get("embedding_type") == "fourier"
-    rngs = {} if dropout_key is None else {"dropout": dropout_key}
 
-    def network(x: jax.Array, time_cond: jax.Array) -> jax.Array:
-        return model.apply(variables, x, time_cond, y=class_labels, train=train, rngs=rngs)
 
-    if not continuous and isinstance(sde, VPSDE):
+Network = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _discrete_score_fn(sde: VPSDE | VESDE, network: Network) -> ScoreFn:
+    """The score at the discrete chain's level of ``t`` (see :func:`get_score_fn`): DDPM's
+    noise prediction over its chain std for VP, SMLD's score at its noise index for VE."""
+    if isinstance(sde, VPSDE):
 
         def score_fn(x: jax.Array, t: jax.Array) -> jax.Array:
             level = chain_level(sde, t)
@@ -272,12 +289,17 @@ def get_score_fn(
             return -network(x, level.astype(t.dtype)) / batch_broadcast(std, x)
 
         return score_fn
-    if not continuous:
 
-        def score_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-            return network(x, (sde.N - 1 - chain_level(sde, t)).astype(t.dtype))
+    def score_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        return network(x, (sde.N - 1 - chain_level(sde, t)).astype(t.dtype))
 
-        return score_fn
+    return score_fn
+
+
+def _continuous_score_fn(
+    sde: SDE, network: Network, parametrization: str, sigma_data: float, fourier: bool
+) -> ScoreFn:
+    """The score from a network of continuous labels (see :func:`get_score_fn`)."""
 
     def labels(t: jax.Array, coeffs: param.PathCoeffs, x: jax.Array) -> jax.Array:
         if parametrization == "edm":

@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_sde.models import layers
-from diffusion_sde.models.layers import VP_CONTINUOUS_TIME_SCALE
+from diffusion_sde.models import common, layers
+from diffusion_sde.models.common import VP_CONTINUOUS_TIME_SCALE
 from diffusion_sde.sde import SDE, batch_broadcast
 
 LogProbFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -45,10 +45,9 @@ class NoiseConditionalClassifier(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
         act = nn.swish
-        dense = lambda features: nn.Dense(features, kernel_init=layers.default_init())
-        temb = layers.get_timestep_embedding(VP_CONTINUOUS_TIME_SCALE * t, self.features)
-        temb = dense(4 * self.features)(temb)
-        temb = dense(4 * self.features)(act(temb))
+        dense = lambda features: nn.Dense(features, kernel_init=common.default_init())
+        features = common.get_timestep_embedding(VP_CONTINUOUS_TIME_SCALE * t, self.features)
+        temb = common.time_embedding(features, 4 * self.features, act)
         if x.ndim == 4:
             h = layers.Conv(self.features)(x)
             for level, multiplier in enumerate(self.channel_multipliers):

@@ -38,7 +38,7 @@ Config fields (``model.*``): ``nf``, ``ch_mult``, ``num_res_blocks``,
 ``attn_resolutions``, ``dropout``, ``resamp_with_conv``, ``conditional``, ``centered``,
 ``scale_by_sigma`` (with ``sigma_min``, ``sigma_max``, ``num_scales``), ``nonlinearity``
 (``swish``); optional ``num_classes`` (0), ``dtype`` (``float32``) and ``conv_impl``
-(``auto``, see :mod:`diffusion_sde.models.ncsnpp`) and ``decoder_attention``
+(``auto``, see :mod:`diffusion_sde.models.convolution`) and ``decoder_attention``
 (``every_block``). ``normalization`` is always
 GroupNorm with 32 groups, so every width must be a multiple of 32.
 """
@@ -47,13 +47,11 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from diffusion_sde.models import layers
-from diffusion_sde.models.ncsnpp import get_sigmas, resolve_conv_impl
+from diffusion_sde.models import common, layers
+from diffusion_sde.models.convolution import resolve_conv_impl
 
 # Ho et al.'s blocks: GroupNorm with 32 groups, plain sums, zero-scale last layers.
 NUM_GROUPS = 32
@@ -61,31 +59,7 @@ NUM_GROUPS = 32
 DECODER_ATTENTION = ("every_block", "once_per_level")
 
 
-def label_embedding(
-    y: jax.Array | None, batch_size: int, num_classes: int, features: int, dtype
-) -> jax.Array | None:
-    """Embedding of class labels ``y`` (``None`` is the null label ``num_classes``), or
-    ``None`` for an unconditional model. Call inside a compact method."""
-    if num_classes == 0:
-        if y is not None:
-            raise ValueError("class labels y given to a model with num_classes = 0")
-        return None
-    if y is None:
-        y = jnp.full((batch_size,), num_classes, dtype=jnp.int32)
-    return nn.Embed(num_classes + 1, features, dtype=dtype)(y)
-
-
-def divide_by_discrete_sigma(
-    h: jax.Array, time_cond: jax.Array, config: ml_collections.ConfigDict
-) -> jax.Array:
-    r""":math:`h / \sigma_i` with :math:`i` = ``time_cond`` an index into the descending
-    SMLD noise levels (the NCSN output parameterisation of Song & Ermon 2020)."""
-    sigmas = jnp.asarray(get_sigmas(config.sigma_min, config.sigma_max, config.num_scales))
-    used_sigmas = sigmas.astype(jnp.float32)[jnp.round(time_cond).astype(jnp.int32)]
-    return h / used_sigmas.reshape((-1,) + (1,) * (h.ndim - 1))
-
-
-class DDPM(nn.Module):
+class DDPM(common.ScoreNetwork):
     """DDPM U-Net score network; see the module docstring.
 
     ``__call__(x, time_cond, y=None, train=False)``: ``x`` (B, H, W, C) images,
@@ -94,30 +68,17 @@ class DDPM(nn.Module):
     float32 shaped like ``x``.
     """
 
-    config: ml_collections.ConfigDict
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        time_cond: jax.Array,
-        y: jax.Array | None = None,
-        train: bool = False,
+    def forward(
+        self, x: jax.Array, time_cond: jax.Array, y: jax.Array | None, train: bool
     ) -> jax.Array:
         config = self.config
         nf = config.nf
-        ch_mult = tuple(config.ch_mult)
-        num_res_blocks = config.num_res_blocks
-        attn_resolutions = tuple(config.attn_resolutions)
-        num_resolutions = len(ch_mult)
-        act = layers.choose("nonlinearity", config.nonlinearity, layers.ACTIVATIONS)
-        dtype = layers.choose("dtype", config.get("dtype", "float32"), layers.DTYPES)
-        common = dict(dtype=dtype, conv_impl=resolve_conv_impl(config.get("conv_impl", "auto")))
-        decoder_attention = layers.check_option(
+        act, dtype = common.activation(config), common.compute_dtype(config)
+        shared = dict(dtype=dtype, conv_impl=resolve_conv_impl(config.get("conv_impl", "auto")))
+        decoder_attention = common.check_option(
             "decoder_attention", config.get("decoder_attention", "every_block"), DECODER_ATTENTION
         )
-
-        conv3x3 = functools.partial(layers.Conv, kernel_size=3, **common)
+        conv3x3 = functools.partial(layers.Conv, kernel_size=3, **shared)
         ResnetBlock = functools.partial(
             layers.ResnetBlockDDPMpp,
             act=act,
@@ -125,38 +86,23 @@ class DDPM(nn.Module):
             skip_rescale=False,
             init_scale=0.0,
             num_groups=NUM_GROUPS,
-            **common,
+            **shared,
         )
         AttnBlock = functools.partial(
-            layers.AttnBlock, num_groups=NUM_GROUPS, skip_rescale=False, init_scale=0.0, **common
+            layers.AttnBlock, num_groups=NUM_GROUPS, skip_rescale=False, init_scale=0.0, **shared
         )
-        Downsample = functools.partial(
-            layers.Downsample, with_conv=config.resamp_with_conv, **common
-        )
-        Upsample = functools.partial(layers.Upsample, with_conv=config.resamp_with_conv, **common)
 
         # ---- time and label embedding
-        temb = None
-        if config.conditional:
-            temb = layers.get_timestep_embedding(time_cond, nf)
-            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(temb)
-            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(act(temb))
-        label_emb = label_embedding(y, x.shape[0], config.get("num_classes", 0), nf * 4, dtype)
-        if label_emb is not None:
-            temb = label_emb if temb is None else temb + label_emb
-
-        h = x if config.centered else 2.0 * x - 1.0  # data in [0, 1] -> [-1, 1]
+        features = common.get_timestep_embedding(time_cond, nf) if config.conditional else None
+        temb = common.conditioning(config, features, y, x.shape[0], act, dtype)
 
         # ---- encoder
-        hs = [conv3x3(nf)(h.astype(dtype))]
-        for i_level in range(num_resolutions):
-            for _ in range(num_res_blocks):
-                h = ResnetBlock(out_ch=nf * ch_mult[i_level])(hs[-1], temb, train)
-                if h.shape[1] in attn_resolutions:
-                    h = AttnBlock()(h)
-                hs.append(h)
-            if i_level != num_resolutions - 1:
-                hs.append(Downsample()(hs[-1]))
+        hs = [conv3x3(nf)(common.scale_input(config, x).astype(dtype))]
+        for level, multiplier in enumerate(config.ch_mult):
+            res_block = functools.partial(ResnetBlock, out_ch=nf * multiplier)
+            hs += common.attended_blocks(hs[-1], config, res_block, AttnBlock, temb, train)
+            if level != len(config.ch_mult) - 1:
+                hs.append(layers.Downsample(with_conv=config.resamp_with_conv, **shared)(hs[-1]))
 
         # ---- middle
         h = ResnetBlock()(hs[-1], temb, train)
@@ -164,22 +110,23 @@ class DDPM(nn.Module):
         h = ResnetBlock()(h, temb, train)
 
         # ---- decoder
-        for i_level in reversed(range(num_resolutions)):
-            for _ in range(num_res_blocks + 1):
-                h = ResnetBlock(out_ch=nf * ch_mult[i_level])(
+        attend = lambda h: h.shape[1] in config.attn_resolutions
+        for level in reversed(range(len(config.ch_mult))):
+            for _ in range(config.num_res_blocks + 1):
+                h = ResnetBlock(out_ch=nf * config.ch_mult[level])(
                     jnp.concatenate([h, hs.pop()], axis=-1), temb, train
                 )
-                if decoder_attention == "every_block" and h.shape[1] in attn_resolutions:
+                if decoder_attention == "every_block" and attend(h):
                     h = AttnBlock()(h)
-            if decoder_attention == "once_per_level" and h.shape[1] in attn_resolutions:
+            if decoder_attention == "once_per_level" and attend(h):
                 h = AttnBlock()(h)
-            if i_level != 0:
-                h = Upsample()(h)
+            if level != 0:
+                h = layers.Upsample(with_conv=config.resamp_with_conv, **shared)(h)
         assert not hs, "every skip connection is used once"
 
         # ---- output
         h = act(layers.group_norm(h, NUM_GROUPS, dtype))
         h = conv3x3(x.shape[-1], init_scale=0.0)(h).astype(jnp.float32)
         if config.scale_by_sigma:
-            h = divide_by_discrete_sigma(h, time_cond, config)
+            h = common.divide_by_discrete_sigma(h, time_cond, config)
         return h

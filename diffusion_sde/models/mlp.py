@@ -32,15 +32,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from diffusion_sde.models import layers
-from diffusion_sde.models.ddpm import divide_by_discrete_sigma, label_embedding
-
-EMBEDDING_TYPES = ("positional", "fourier")
+from diffusion_sde.models import common
 
 
-class MLP(nn.Module):
+class MLP(common.ScoreNetwork):
     """MLP score network; see the module docstring.
 
     ``__call__(x, time_cond, y=None, train=False)``: ``x`` (B, D), ``time_cond`` (B,),
@@ -48,51 +44,29 @@ class MLP(nn.Module):
     of shape (B, D).
     """
 
-    config: ml_collections.ConfigDict
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        time_cond: jax.Array,
-        y: jax.Array | None = None,
-        train: bool = False,
+    def forward(
+        self, x: jax.Array, time_cond: jax.Array, y: jax.Array | None, train: bool
     ) -> jax.Array:
         config = self.config
+        act, dtype = common.activation(config), common.compute_dtype(config)
         nf = config.nf
-        act = layers.choose("nonlinearity", config.nonlinearity, layers.ACTIVATIONS)
-        dtype = layers.choose("dtype", config.get("dtype", "float32"), layers.DTYPES)
-        embedding_type = layers.check_option(
-            "embedding_type", config.embedding_type, EMBEDDING_TYPES
-        )
         dense = lambda features, scale=1.0: nn.Dense(
-            features, kernel_init=layers.default_init(scale), dtype=dtype
+            features, kernel_init=common.default_init(scale), dtype=dtype
         )
 
         # ---- time and label embedding
-        if embedding_type == "fourier":
-            temb = layers.GaussianFourierProjection(
-                embedding_size=nf // 2, scale=config.fourier_scale
-            )(jnp.log(time_cond))
-        else:
-            temb = layers.get_timestep_embedding(time_cond, nf)
-        temb = dense(4 * nf)(temb.astype(dtype))
-        temb = dense(4 * nf)(act(temb))
-        label_emb = label_embedding(y, x.shape[0], config.get("num_classes", 0), 4 * nf, dtype)
-        if label_emb is not None:
-            temb = temb + label_emb
+        features = common.time_features(config, time_cond, fourier_size=nf // 2)
+        temb = common.conditioning(config, features, y, x.shape[0], act, dtype)
 
         # ---- residual blocks
-        h = x if config.centered else 2.0 * x - 1.0
-        h = dense(nf)(h.astype(dtype))
+        h = dense(nf)(common.scale_input(config, x).astype(dtype))
         for _ in range(config.num_layers):
             inner = dense(nf)(act(h)) + dense(nf)(act(temb))
             h = h + dense(nf)(act(inner))
 
         h = dense(x.shape[-1], config.get("init_scale", 0.0))(act(h)).astype(jnp.float32)
-        if config.scale_by_sigma:
-            if embedding_type == "fourier":
-                h = h / time_cond.reshape(-1, 1)
-            else:
-                h = divide_by_discrete_sigma(h, time_cond, config)
-        return h
+        if not config.scale_by_sigma:
+            return h
+        if config.embedding_type == "fourier":
+            return common.divide_by_sigma(h, time_cond)  # time_cond is sigma
+        return common.divide_by_discrete_sigma(h, time_cond, config)

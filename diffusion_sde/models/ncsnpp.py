@@ -26,43 +26,183 @@ Layout, for ``L = len(ch_mult)`` resolutions (all convolutions 3x3 unless stated
    ``init_scale``), or the output pyramid when ``progressive='output_skip'``.
 
 Parameter count: the Fourier frequencies are a fixed buffer, not parameters (see
-:class:`~diffusion_sde.models.layers.GaussianFourierProjection`), unless
+:class:`~diffusion_sde.models.common.GaussianFourierProjection`), unless
 ``model.fourier_in_params`` (needed to load a published NCSN++ checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from diffusion_sde.models import layers
+from diffusion_sde.models import common, layers
+from diffusion_sde.models.convolution import resolve_conv_impl
 from diffusion_sde.models.layers import SKIP_SCALE
 
 RESBLOCK_TYPES = ("ddpm", "biggan")
 PROGRESSIVE = ("none", "output_skip", "residual")
 PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
 PROGRESSIVE_COMBINE = ("sum", "cat")
-EMBEDDING_TYPES = ("fourier", "positional")
+
+Block = Callable[..., nn.Module]
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-    """Check a ``conv_impl`` name (one of ``layers.CONV_IMPLS``; ``'auto'``, the default,
-    chooses per convolution and backend) and return it."""
-    return layers.check_option("conv_impl", conv_impl, layers.CONV_IMPLS)
+@dataclasses.dataclass(frozen=True)
+class _Blocks:
+    """The constructors of one configuration's blocks, the options every block shares bound
+    (each call makes a new block, with its own parameters)."""
+
+    act: common.Activation
+    dtype: common.Dtype
+    conv3x3: Block
+    attention: Block
+    res_block: Block
+    upsample: Block
+    downsample: Block
+    # The pyramids resample with a convolution only in their 'residual' form.
+    pyramid_upsample: Block
+    pyramid_downsample: Block
+    combine: Block
+
+    def norm_act(self, h: jax.Array) -> jax.Array:
+        """GroupNorm then the activation, before an output convolution."""
+        return self.act(layers.group_norm(h, dtype=self.dtype))
 
 
-def get_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> np.ndarray:
-    r"""The SMLD noise levels :math:`\sigma_i`, geometric and *descending* from
-    ``sigma_max`` to ``sigma_min`` (index ``i`` is the discrete VE time label)."""
-    return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales))
+def _blocks(config: ml_collections.ConfigDict) -> _Blocks:
+    """Check the architecture options of ``config`` and bind them to the blocks."""
+    resblock_type = common.check_option("resblock_type", config.resblock_type, RESBLOCK_TYPES)
+    progressive = common.check_option("progressive", config.progressive, PROGRESSIVE)
+    progressive_input = common.check_option(
+        "progressive_input", config.progressive_input, PROGRESSIVE_INPUT
+    )
+    combine_method = common.check_option(
+        "progressive_combine", config.progressive_combine, PROGRESSIVE_COMBINE
+    )
+    act, dtype = common.activation(config), common.compute_dtype(config)
+    shared = dict(dtype=dtype, conv_impl=resolve_conv_impl(config.get("conv_impl", "auto")))
+    fir = dict(fir=config.fir, fir_kernel=tuple(config.fir_kernel))
+    scales = dict(init_scale=config.init_scale, skip_rescale=config.skip_rescale)
+    res_block_options = dict(act=act, dropout=config.dropout, **scales, **shared)
+    if resblock_type == "ddpm":
+        res_block = functools.partial(layers.ResnetBlockDDPMpp, **res_block_options)
+    else:
+        res_block = functools.partial(layers.ResnetBlockBigGANpp, **fir, **res_block_options)
+    resample = dict(with_conv=config.resamp_with_conv, **fir, **shared)
+    return _Blocks(
+        act=act,
+        dtype=dtype,
+        conv3x3=functools.partial(layers.Conv, kernel_size=3, **shared),
+        attention=functools.partial(layers.AttnBlock, **scales, **shared),
+        res_block=res_block,
+        upsample=functools.partial(layers.Upsample, **resample),
+        downsample=functools.partial(layers.Downsample, **resample),
+        pyramid_upsample=functools.partial(
+            layers.Upsample, with_conv=progressive == "residual", **fir, **shared
+        ),
+        pyramid_downsample=functools.partial(
+            layers.Downsample, with_conv=progressive_input == "residual", **fir, **shared
+        ),
+        combine=functools.partial(layers.Combine, method=combine_method, **shared),
+    )
 
 
-class NCSNpp(nn.Module):
+def _encoder(
+    config: ml_collections.ConfigDict,
+    blocks: _Blocks,
+    x: jax.Array,
+    temb: jax.Array | None,
+    train: bool,
+) -> list[jax.Array]:
+    """The encoder's outputs, each kept for a skip connection: the first convolution, the
+    residual blocks of every level and the downsampling block between levels, combined
+    with the downsampled input image (``progressive_input``)."""
+    input_pyramid = x
+    hs = [blocks.conv3x3(config.nf)(x)]
+    for level, multiplier in enumerate(config.ch_mult):
+        res_block = functools.partial(blocks.res_block, out_ch=config.nf * multiplier)
+        hs += common.attended_blocks(hs[-1], config, res_block, blocks.attention, temb, train)
+        if level == len(config.ch_mult) - 1:
+            break
+        if config.resblock_type == "ddpm":
+            h = blocks.downsample()(hs[-1])
+        else:
+            h = blocks.res_block(down=True)(hs[-1], temb, train)
+        if config.progressive_input == "input_skip":
+            input_pyramid = blocks.pyramid_downsample()(input_pyramid)
+            h = blocks.combine()(input_pyramid, h)
+        elif config.progressive_input == "residual":
+            input_pyramid = blocks.pyramid_downsample(out_ch=h.shape[-1])(input_pyramid)
+            input_pyramid = input_pyramid + h
+            if config.skip_rescale:
+                input_pyramid = input_pyramid * SKIP_SCALE
+            h = input_pyramid
+        hs.append(h)
+    return hs
+
+
+def _output_pyramid(
+    config: ml_collections.ConfigDict,
+    blocks: _Blocks,
+    h: jax.Array,
+    pyramid: jax.Array | None,
+    image_channels: int,
+) -> tuple[jax.Array, jax.Array | None]:
+    """One decoder level's step of the output pyramid (``progressive``): the features and
+    the pyramid after it."""
+    if config.progressive == "output_skip":
+        # The pyramid accumulates image-space outputs of every level.
+        out = blocks.conv3x3(image_channels, init_scale=config.init_scale)(blocks.norm_act(h))
+        pyramid = out if pyramid is None else blocks.pyramid_upsample()(pyramid) + out
+    elif config.progressive == "residual":
+        if pyramid is None:
+            pyramid = blocks.conv3x3(h.shape[-1])(blocks.norm_act(h))
+        else:
+            pyramid = blocks.pyramid_upsample(out_ch=h.shape[-1])(pyramid) + h
+            if config.skip_rescale:
+                pyramid = pyramid * SKIP_SCALE
+            h = pyramid
+    return h, pyramid
+
+
+def _decoder(
+    config: ml_collections.ConfigDict,
+    blocks: _Blocks,
+    h: jax.Array,
+    hs: list[jax.Array],
+    temb: jax.Array | None,
+    train: bool,
+    image_channels: int,
+) -> jax.Array:
+    """The decoder from the middle's output ``h``, using up the skips ``hs``, and the output
+    layer: the network's output, in the compute dtype."""
+    pyramid = None
+    for level in reversed(range(len(config.ch_mult))):
+        for _ in range(config.num_res_blocks + 1):
+            h = blocks.res_block(out_ch=config.nf * config.ch_mult[level])(
+                jnp.concatenate([h, hs.pop()], axis=-1), temb, train
+            )
+        if h.shape[1] in config.attn_resolutions:
+            h = blocks.attention()(h)
+        h, pyramid = _output_pyramid(config, blocks, h, pyramid, image_channels)
+        if level != 0:
+            if config.resblock_type == "ddpm":
+                h = blocks.upsample()(h)
+            else:
+                h = blocks.res_block(up=True)(h, temb, train)
+    assert not hs, "every skip connection is used once"
+    if config.progressive == "output_skip":
+        return pyramid
+    return blocks.conv3x3(image_channels, init_scale=config.init_scale)(blocks.norm_act(h))
+
+
+class NCSNpp(common.ScoreNetwork):
     r"""NCSN++/DDPM++ score network, built from the model config (``config.model``).
 
     Fields read from ``config`` (the reference's names): ``nf``, ``ch_mult``,
@@ -86,196 +226,37 @@ class NCSNpp(nn.Module):
     embedding) when ``scale_by_sigma``.
     """
 
-    config: ml_collections.ConfigDict
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        time_cond: jax.Array,
-        y: jax.Array | None = None,
-        train: bool = False,
+    def forward(
+        self, x: jax.Array, time_cond: jax.Array, y: jax.Array | None, train: bool
     ) -> jax.Array:
         config = self.config
-        nf = config.nf
-        ch_mult = tuple(config.ch_mult)
-        num_res_blocks = config.num_res_blocks
-        attn_resolutions = tuple(config.attn_resolutions)
-        num_resolutions = len(ch_mult)
-        init_scale = config.init_scale
-        skip_rescale = config.skip_rescale
-        fir, fir_kernel = config.fir, tuple(config.fir_kernel)
-        resblock_type = layers.check_option("resblock_type", config.resblock_type, RESBLOCK_TYPES)
-        progressive = layers.check_option("progressive", config.progressive, PROGRESSIVE)
-        progressive_input = layers.check_option(
-            "progressive_input", config.progressive_input, PROGRESSIVE_INPUT
-        )
-        combine_method = layers.check_option(
-            "progressive_combine", config.progressive_combine, PROGRESSIVE_COMBINE
-        )
-        embedding_type = layers.check_option(
-            "embedding_type", config.embedding_type, EMBEDDING_TYPES
-        )
-        act = layers.choose("nonlinearity", config.nonlinearity, layers.ACTIVATIONS)
-        dtype = layers.choose("dtype", config.get("dtype", "float32"), layers.DTYPES)
-        conv_impl = resolve_conv_impl(config.get("conv_impl", "auto"))
-        num_classes = config.get("num_classes", 0)
-
-        # Bind the options every block shares.
-        common = dict(dtype=dtype, conv_impl=conv_impl)
-        conv3x3 = functools.partial(layers.Conv, kernel_size=3, **common)
-        AttnBlock = functools.partial(
-            layers.AttnBlock, init_scale=init_scale, skip_rescale=skip_rescale, **common
-        )
-        Upsample = functools.partial(
-            layers.Upsample,
-            with_conv=config.resamp_with_conv,
-            fir=fir,
-            fir_kernel=fir_kernel,
-            **common,
-        )
-        Downsample = functools.partial(
-            layers.Downsample,
-            with_conv=config.resamp_with_conv,
-            fir=fir,
-            fir_kernel=fir_kernel,
-            **common,
-        )
-        # The pyramids resample with a convolution only in their 'residual' form.
-        pyramid_upsample = functools.partial(
-            layers.Upsample,
-            with_conv=progressive == "residual",
-            fir=fir,
-            fir_kernel=fir_kernel,
-            **common,
-        )
-        pyramid_downsample = functools.partial(
-            layers.Downsample,
-            with_conv=progressive_input == "residual",
-            fir=fir,
-            fir_kernel=fir_kernel,
-            **common,
-        )
-        block_options = dict(
-            act=act,
-            dropout=config.dropout,
-            init_scale=init_scale,
-            skip_rescale=skip_rescale,
-            **common,
-        )
-        if resblock_type == "ddpm":
-            ResnetBlock = functools.partial(layers.ResnetBlockDDPMpp, **block_options)
-        else:
-            ResnetBlock = functools.partial(
-                layers.ResnetBlockBigGANpp, fir=fir, fir_kernel=fir_kernel, **block_options
-            )
-
-        def output_norm_act(h):
-            return act(layers.group_norm(h, dtype=dtype))
-
+        blocks = _blocks(config)
         # ---- time (noise-level) embedding and class label embedding
-        if embedding_type == "fourier":
-            # time_cond is sigma; the features are those of log sigma.
-            used_sigmas = time_cond
-            temb = layers.GaussianFourierProjection(
-                embedding_size=nf,
-                scale=config.fourier_scale,
-                in_params=config.get("fourier_in_params", False),
-            )(jnp.log(time_cond))
-        else:
-            temb = layers.get_timestep_embedding(time_cond, nf)
-            used_sigmas = None
-        if config.conditional:
-            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(temb)
-            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dtype)(act(temb))
-        else:
-            temb = None
-        if num_classes > 0:
-            if y is None:
-                y = jnp.full((x.shape[0],), num_classes, dtype=jnp.int32)
-            # Labels 0..num_classes-1 and the null label num_classes.
-            label_emb = nn.Embed(num_classes + 1, nf * 4, dtype=dtype)(y)
-            temb = label_emb if temb is None else temb + label_emb
-        elif y is not None:
-            raise ValueError("class labels y given to a model with num_classes = 0")
-
-        if not config.centered:
-            x = 2 * x - 1.0  # data in [0, 1] -> [-1, 1]
-        image_channels = x.shape[-1]
-        x = x.astype(dtype)
-
-        # ---- encoder
-        input_pyramid = x if progressive_input != "none" else None
-        hs = [conv3x3(nf)(x)]
-        for i_level in range(num_resolutions):
-            for _ in range(num_res_blocks):
-                h = ResnetBlock(out_ch=nf * ch_mult[i_level])(hs[-1], temb, train)
-                if h.shape[1] in attn_resolutions:
-                    h = AttnBlock()(h)
-                hs.append(h)
-            if i_level != num_resolutions - 1:
-                if resblock_type == "ddpm":
-                    h = Downsample()(hs[-1])
-                else:
-                    h = ResnetBlock(down=True)(hs[-1], temb, train)
-                if progressive_input == "input_skip":
-                    input_pyramid = pyramid_downsample()(input_pyramid)
-                    h = layers.Combine(method=combine_method, **common)(input_pyramid, h)
-                elif progressive_input == "residual":
-                    input_pyramid = pyramid_downsample(out_ch=h.shape[-1])(input_pyramid)
-                    input_pyramid = input_pyramid + h
-                    if skip_rescale:
-                        input_pyramid = input_pyramid * SKIP_SCALE
-                    h = input_pyramid
-                hs.append(h)
-
-        # ---- middle
-        h = hs[-1]
-        h = ResnetBlock()(h, temb, train)
-        h = AttnBlock()(h)
-        h = ResnetBlock()(h, temb, train)
-
-        # ---- decoder
-        pyramid = None
-        for i_level in reversed(range(num_resolutions)):
-            for _ in range(num_res_blocks + 1):
-                h = ResnetBlock(out_ch=nf * ch_mult[i_level])(
-                    jnp.concatenate([h, hs.pop()], axis=-1), temb, train
-                )
-            if h.shape[1] in attn_resolutions:
-                h = AttnBlock()(h)
-
-            if progressive == "output_skip":
-                # The pyramid accumulates image-space outputs of every level.
-                out = conv3x3(image_channels, init_scale=init_scale)(output_norm_act(h))
-                pyramid = out if pyramid is None else pyramid_upsample()(pyramid) + out
-            elif progressive == "residual":
-                if pyramid is None:
-                    pyramid = conv3x3(h.shape[-1])(output_norm_act(h))
-                else:
-                    pyramid = pyramid_upsample(out_ch=h.shape[-1])(pyramid) + h
-                    if skip_rescale:
-                        pyramid = pyramid * SKIP_SCALE
-                    h = pyramid
-
-            if i_level != 0:
-                if resblock_type == "ddpm":
-                    h = Upsample()(h)
-                else:
-                    h = ResnetBlock(up=True)(h, temb, train)
-        assert not hs, "every skip connection is used once"
-
-        # ---- output
-        if progressive == "output_skip":
-            h = pyramid
-        else:
-            h = conv3x3(image_channels, init_scale=init_scale)(output_norm_act(h))
+        features = common.time_features(
+            config,
+            time_cond,
+            fourier_size=config.nf,
+            fourier_in_params=config.get("fourier_in_params", False),
+        )
+        temb = common.conditioning(
+            config,
+            features if config.conditional else None,
+            y,
+            x.shape[0],
+            blocks.act,
+            blocks.dtype,
+        )
+        # ---- encoder, middle, decoder
+        hs = _encoder(
+            config, blocks, common.scale_input(config, x).astype(blocks.dtype), temb, train
+        )
+        h = blocks.res_block()(hs[-1], temb, train)
+        h = blocks.attention()(h)
+        h = blocks.res_block()(h, temb, train)
+        h = _decoder(config, blocks, h, hs, temb, train, image_channels=x.shape[-1])
         h = h.astype(jnp.float32)
-
-        if config.scale_by_sigma:
-            # Divide by sigma: the score of the noise-level-sigma kernel is -z / sigma.
-            if used_sigmas is None:
-                sigmas = get_sigmas(config.sigma_min, config.sigma_max, config.num_scales)
-                used_sigmas = jnp.asarray(sigmas, jnp.float32)[time_cond.astype(jnp.int32)]
-            h = h / used_sigmas.reshape((-1,) + (1,) * (h.ndim - 1))
-        return h
+        if not config.scale_by_sigma:
+            return h
+        if config.embedding_type == "fourier":
+            return common.divide_by_sigma(h, time_cond)  # time_cond is sigma
+        return common.divide_by_discrete_sigma(h, time_cond, config)

@@ -43,13 +43,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from diffusion_sde.models.ddpm import divide_by_discrete_sigma
-from diffusion_sde.models.layers import ACTIVATIONS, DTYPES, choose, naive_downsample_2d
-
-Activation = Callable[[jax.Array], jax.Array]
+from diffusion_sde.models import common
+from diffusion_sde.models.common import Activation
+from diffusion_sde.models.layers import naive_downsample_2d
 
 # (channel multiplier, down-sample?, dilation) of each residual stage, shallow to deep,
 # and the output width (in units of nf) of the RefineBlock at each stage, for the
@@ -218,12 +216,18 @@ class ResidualBlock(nn.Module):
         return h + shortcut
 
 
-class RCUBlock(nn.Module):
-    """Residual conv unit: ``n_blocks`` times ``x + (act -> conv)^n_stages (x)``."""
+class _RefineUnit(nn.Module):
+    """The width and activation of the RefineNet units :class:`RCUBlock` and
+    :class:`CRPBlock`, whose convolutions have no bias."""
 
     features: int
-    n_blocks: int
     activation: Activation
+
+
+class RCUBlock(_RefineUnit):
+    """Residual conv unit: ``n_blocks`` times ``x + (act -> conv)^n_stages (x)``."""
+
+    n_blocks: int
     n_stages: int = 2
     dtype: Any = jnp.float32
 
@@ -237,11 +241,9 @@ class RCUBlock(nn.Module):
         return x
 
 
-class CRPBlock(nn.Module):
+class CRPBlock(_RefineUnit):
     """Chained residual pooling: ``x += conv(maxpool_5x5(path))``, ``n_stages`` times."""
 
-    features: int
-    activation: Activation
     n_stages: int = 2
     dtype: Any = jnp.float32
 
@@ -271,10 +273,7 @@ class RefineBlock(nn.Module):
 
     @nn.compact
     def __call__(self, xs: Sequence[jax.Array]) -> jax.Array:
-        hs = [
-            RCUBlock(x.shape[-1], n_blocks=2, activation=self.activation, dtype=self.dtype)(x)
-            for x in xs
-        ]
+        hs = [RCUBlock(x.shape[-1], self.activation, n_blocks=2, dtype=self.dtype)(x) for x in xs]
         if self.start:
             h = hs[0]
         else:
@@ -288,7 +287,7 @@ class RefineBlock(nn.Module):
             )
         h = CRPBlock(self.features, self.activation, dtype=self.dtype)(h)
         n_blocks = 3 if self.end else 1
-        return RCUBlock(self.features, n_blocks, self.activation, dtype=self.dtype)(h)
+        return RCUBlock(self.features, self.activation, n_blocks=n_blocks, dtype=self.dtype)(h)
 
 
 def _variant(image_size: int) -> int:
@@ -302,7 +301,7 @@ def _variant(image_size: int) -> int:
     raise ValueError(f"NCSNv2 is defined for images up to 256 px, got {image_size} px")
 
 
-class NCSNv2(nn.Module):
+class NCSNv2(common.ScoreNetwork):
     """NCSNv2 score network; see the module docstring.
 
     ``__call__(x, time_cond, y=None, train=False)``: ``x`` (B, H, W, C), ``time_cond``
@@ -310,28 +309,19 @@ class NCSNv2(nn.Module):
     ``None`` and ``train`` has no effect (the network has no dropout).
     """
 
-    config: ml_collections.ConfigDict
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        time_cond: jax.Array,
-        y: jax.Array | None = None,
-        train: bool = False,
+    def forward(
+        self, x: jax.Array, time_cond: jax.Array, y: jax.Array | None, train: bool
     ) -> jax.Array:
         config = self.config
         if config.get("num_classes", 0) or y is not None:
             raise ValueError("NCSNv2 has no class-label path: num_classes must be 0, y None")
         nf = config.nf
-        act = choose("nonlinearity", config.nonlinearity, ACTIVATIONS)
-        dtype = choose("dtype", config.get("dtype", "float32"), DTYPES)
-        normalization = choose("normalization", config.normalization, NORMALIZATIONS)
+        act, dtype = common.activation(config), common.compute_dtype(config)
+        normalization = common.choose("normalization", config.normalization, NORMALIZATIONS)
         norm = functools.partial(normalization, dtype=dtype)
         variant = _variant(x.shape[1])
 
-        h = x if config.centered else 2.0 * x - 1.0
-        h = NCSNConv(nf, dtype=dtype)(h.astype(dtype))
+        h = NCSNConv(nf, dtype=dtype)(common.scale_input(config, x).astype(dtype))
         # ResNet encoder: two residual blocks per stage.
         layers = []
         for multiplier, downsample, dilation in _STAGES[variant]:
@@ -363,5 +353,5 @@ class NCSNv2(nn.Module):
         h = act(norm()(refined))
         h = NCSNConv(x.shape[-1], dtype=dtype)(h).astype(jnp.float32)
         if config.scale_by_sigma:
-            h = divide_by_discrete_sigma(h, time_cond, config)
+            h = common.divide_by_discrete_sigma(h, time_cond, config)
         return h

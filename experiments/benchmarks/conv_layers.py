@@ -5,7 +5,7 @@ reverse-mode pullback that gives both gradients, and a forward-mode JVP in the i
 stack of BigGAN residual blocks as NCSN++/DDPM++ use them (forward, and forward + backward
 of a sum of squares in the parameters and the input, with dropout 0.1 as in training). It
 is the measurement behind the thresholds of ``conv_impl="auto"``
-(``diffusion_sde/models/layers.py``), and shows where the time of
+(``diffusion_sde/models/convolution.py``), and shows where the time of
 ``experiments/benchmarks/networks.py`` goes.
 
 Usage::
@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_sde.models import layers
+from diffusion_sde.models import convolution, layers
 
 
 def min_time_ms(fn, *args, repeats: int) -> float:
@@ -64,7 +64,7 @@ class _Blocks(nn.Module):
 
 def bench_conv(impl: str, x, kernel, g, reference, repeats: int) -> tuple[str, tuple]:
     def conv(x, kernel):
-        return layers.conv2d(x, kernel, conv_impl=impl)
+        return convolution.conv2d(x, kernel, conv_impl=impl)
 
     forward = jax.jit(conv)
     pullback = jax.jit(lambda x, kernel, g: jax.vjp(conv, x, kernel)[1](g))
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     impls = args.impls.split(",")
     for impl in impls:
-        layers.check_option("conv_impl", impl, layers.CONV_IMPLS)
+        convolution.resolve_conv_impl(impl)
     print(
         f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cpus, "
         f"batch {args.batch}, {args.channels} channels; milliseconds, minimum of {args.repeats}"

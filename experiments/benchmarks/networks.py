@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffusion_sde.models.layers import CONV_IMPLS
+from diffusion_sde.models.convolution import CONV_IMPLS
 from diffusion_sde.models.ncsnpp import NCSNpp
 
 # The CIFAR-10 architectures of the paper (Song et al. 2021, table 3/appendix H) and the
