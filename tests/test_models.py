@@ -446,7 +446,7 @@ def test_ncsnv2_cifar10_parameter_count():
 # ------------------------------------------------------------------------------- configs
 
 CONFIG_FILES = sorted(p.stem for p in (ROOT / "configs").glob("cifar10_*.py"))
-# Parameter counts of the full-size networks: issue 4's table (NCSN++/DDPM++, from an
+# Parameter counts of the full-size networks: the README's table (NCSN++/DDPM++, from an
 # independent reimplementation), the hand counts above (DDPM, NCSNv2).
 PARAMETERS = {
     "cifar10_ddpmpp_continuous_vp": 61_804_419,
