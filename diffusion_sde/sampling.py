@@ -363,7 +363,7 @@ def pc_loop(
     timesteps = jnp.linspace(sde.T, options.eps, num_steps)
     next_timesteps = jnp.append(timesteps[1:], 0.0)
     batch = jnp.ones(x.shape[:1], x.dtype)
-    imposed = after_move or (lambda key, x, x_mean, t: (x, x_mean))
+    after = after_move or (lambda key, x, x_mean, t: (x, x_mean))
 
     def step(carry, inputs):
         x, _ = carry
@@ -380,13 +380,13 @@ def pc_loop(
             x, x_mean = corrector_fn(
                 jax.random.fold_in(corrector_key, j), chain, score_fn, x, point, options.snr
             )
-            return imposed(jax.random.fold_in(move_key, j), x, x_mean, point.t)
+            return after(jax.random.fold_in(move_key, j), x, x_mean, point.t)
 
-        if options.corrector != "none":
+        if options.corrector != "none":  # else no move, and nothing to apply after it
             x, _ = jax.lax.fori_loop(0, n_steps, corrector_move, (x, x))
         x, x_mean = predictor_fn(predictor_key, chain, score_fn, x, point, options.probability_flow)
         key = jax.random.fold_in(move_key, n_steps)
-        return imposed(key, x, x_mean, point.t_next), None
+        return after(key, x, x_mean, point.t_next), None
 
     steps = (jnp.arange(num_steps), timesteps, next_timesteps)
     (x, x_mean), _ = jax.lax.scan(step, (x, x), steps)
