@@ -400,11 +400,6 @@ def _pc_samples(key, sde, score_fn, shape, options):
     return pc_loop(loop_key, sde, score_fn, x, options)
 
 
-def _pc_sample(key, sde, score_fn, shape, options):
-    options = check_pc_options(sde, options)
-    return _pc_samples(key, sde, score_fn, tuple(shape), options), pc_nfe(options)
-
-
 @with_pc_options
 def pc_sample(
     key: jax.Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, options: PCOptions
@@ -441,7 +436,8 @@ def pc_sample(
       ``(samples, nfe)``: samples of shape ``shape`` and
       ``nfe = num_steps * (predictor evaluations + n_steps * corrector evaluations)``.
     """
-    return _pc_sample(key, sde, score_fn, shape, options)
+    options = check_pc_options(sde, options)
+    return _pc_samples(key, sde, score_fn, tuple(shape), options), pc_nfe(options)
 
 
 # --- The probability-flow ODE sampler ----------------------------------------------------
@@ -755,7 +751,8 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
             **common,
         )
         check_pc_options(sde, options, prefix="sampling.")
-        return lambda key, score_fn: _pc_sample(key, sde, score_fn, shape, options)
+        kwargs = dataclasses.asdict(options)
+        return lambda key, score_fn: pc_sample(key, sde, score_fn, shape, **kwargs)
     if method == "ode":
         kwargs = dict(
             method=field("ode_method", "adaptive").lower(),
