@@ -2,8 +2,8 @@ r"""Controllable generation with an unconditional score: inpainting, colorizatio
 class-conditional sampling (Song et al. 2021, section 5 and appendix I).
 
 **Inpainting** (app. I.2). Known pixels :math:`\Omega` (``mask == 1``) of ``data`` are
-imposed on the predictor--corrector sampler of :mod:`diffusion_sde.sampling`: after the
-predictor moves to :math:`t_{i+1}` and after every corrector move at :math:`t_i`, the known
+imposed on the predictor--corrector sampler of :mod:`diffusion_sde.sampling` (its loop
+``sampling.pc_loop``, with the replacement as ``after_move``): after the predictor moves to :math:`t_{i+1}` and after every corrector move at :math:`t_i`, the known
 pixels are replaced by a fresh forward-diffused copy of the data,
 
 .. math::  x_\Omega \leftarrow \alpha_t\, x_\Omega(0) + \sigma_t z, \qquad z \sim \mathcal N(0, I),
@@ -19,11 +19,11 @@ This *replacement* method is an approximation: it drives the unknown pixels with
 than with the score of :math:`p_t(x_{\bar\Omega} \mid x_\Omega(0))`. It samples the true
 conditional when the noisy known pixels identify it before the unknown ones commit to a
 mode (known structure much coarser than the unknown one; ``tests/test_controllable.py``)
-and is biased towards the unconditional mode weights otherwise. Measured (exact score, 200
-PC steps, 2,000 samples): components at :math:`(-1.5, \mp 3)` with weights 0.3, 0.1 and at
-:math:`(1.5, \mp 3)` with 0.15, 0.45, std 0.3; given :math:`x_1 = -1.5`, the mode
-:math:`x_2 = 3` has conditional weight 0.25 (0.55 unconditionally) and receives 0.45 of the
-samples on VP and VE, 0.47 on sub-VP.
+and is biased towards the unconditional mode weights otherwise: for components at
+:math:`(-1.5, \mp 3)` with weights 0.3, 0.1 and at :math:`(1.5, \mp 3)` with 0.15, 0.45 (std
+0.3), given :math:`x_1 = -1.5` the mode :math:`x_2 = 3` has conditional weight 0.25 but
+unconditional weight 0.55, and receives far more than 0.25 of the samples (the measured
+share is noted in ``tests/test_controllable.py``).
 
 **Colorization** (app. I.3) is inpainting in a decoupled colour space where the grey level
 is one channel: see :func:`colorize`.
@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_sde.sampling import CORRECTORS, PREDICTORS, GridPoint, _check_pc, _lookup
+from diffusion_sde.sampling import PCOptions, check_pc_options, pc_loop, pc_nfe, with_pc_options
 from diffusion_sde.sde import SDE, ScoreFn, batch_broadcast
 
 LogProbFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -61,70 +61,32 @@ LogProbFn = Callable[[jax.Array, jax.Array], jax.Array]
 # --- Inpainting ---------------------------------------------------------------------------
 
 
-def _impose_known(key, sde, data, known, x, x_mean, t):
-    """Replace the known entries of ``x`` by a forward-diffused sample of ``data`` at ``t``
-    (and those of ``x_mean`` by its mean)."""
-    mean, std = sde.marginal_prob(data, t)
-    noisy = mean + batch_broadcast(std, data) * jax.random.normal(key, data.shape, data.dtype)
-    return jnp.where(known, noisy, x), jnp.where(known, mean, x_mean)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "score_fn",
-        "predictor",
-        "corrector",
-        "n_steps",
-        "num_steps",
-        "probability_flow",
-        "denoise",
-    ),
-)
-def _inpaint_loop(
-    key, sde, score_fn, data, mask, predictor, corrector, snr, n_steps, num_steps,
-    probability_flow, denoise, eps,
-):  # fmt: skip
-    # The loop of sampling._pc_loop, with the known entries imposed after every move.
-    predictor_fn, _ = PREDICTORS[predictor]
-    corrector_fn, _ = CORRECTORS[corrector]
-    chain = sde.replace(N=num_steps)
+@functools.partial(jax.jit, static_argnames="score_fn")
+def _inpaint_samples(key, sde, score_fn, data, mask, options):
     known = jnp.broadcast_to(mask, data.shape) != 0
-    batch = jnp.ones(data.shape[:1], data.dtype)
+
+    def impose_known(key, x, x_mean, t):
+        # The known entries of x: a forward-diffused sample of data at t; of x_mean: its mean.
+        mean, std = sde.marginal_prob(data, t)
+        noisy = mean + batch_broadcast(std, data) * jax.random.normal(key, data.shape, data.dtype)
+        return jnp.where(known, noisy, x), jnp.where(known, mean, x_mean)
+
     prior_key, start_key, loop_key = jax.random.split(key, 3)
     x = sde.prior_sampling(prior_key, data.shape).astype(data.dtype)
-    x, _ = _impose_known(start_key, sde, data, known, x, x, sde.T * batch)
-    timesteps = jnp.linspace(sde.T, eps, num_steps)
-    next_timesteps = jnp.append(timesteps[1:], 0.0)
-
-    def step(carry, inputs):
-        x, _ = carry
-        i, t, t_next = inputs
-        corrector_key, predictor_key, known_key = jax.random.split(
-            jax.random.fold_in(loop_key, i), 3
-        )
-        point = GridPoint(t * batch, t_next * batch, num_steps - 1 - i)
-
-        def corrector_move(j, carry):
-            x, _ = carry
-            x, x_mean = corrector_fn(
-                jax.random.fold_in(corrector_key, j), chain, score_fn, x, point, snr, 1
-            )
-            return _impose_known(
-                jax.random.fold_in(known_key, j), sde, data, known, x, x_mean, point.t
-            )
-
-        if corrector != "none":
-            x, _ = jax.lax.fori_loop(0, n_steps, corrector_move, (x, x))
-        x, x_mean = predictor_fn(predictor_key, chain, score_fn, x, point, probability_flow)
-        key_next = jax.random.fold_in(known_key, n_steps)
-        return _impose_known(key_next, sde, data, known, x, x_mean, point.t_next), None
-
-    steps = (jnp.arange(num_steps), timesteps, next_timesteps)
-    (x, x_mean), _ = jax.lax.scan(step, (x, x), steps)
-    return jnp.where(known, data, x_mean if denoise else x)
+    x, _ = impose_known(start_key, x, x, jnp.full(data.shape[:1], sde.T, data.dtype))
+    return jnp.where(known, data, pc_loop(loop_key, sde, score_fn, x, options, impose_known))
 
 
+def _inpaint(key, sde, score_fn, data, mask, options):
+    options = check_pc_options(sde, options)
+    data = jnp.asarray(data)
+    mask = jnp.asarray(mask)
+    if jnp.broadcast_shapes(mask.shape, data.shape) != data.shape:
+        raise ValueError(f"mask of shape {mask.shape} does not broadcast to data {data.shape}")
+    return _inpaint_samples(key, sde, score_fn, data, mask, options), pc_nfe(options)
+
+
+@with_pc_options
 def inpaint(
     key: jax.Array,
     sde: SDE,
@@ -132,54 +94,35 @@ def inpaint(
     data: jax.Array,
     mask: jax.Array,
     *,
-    predictor: str = "reverse_diffusion",
-    corrector: str = "langevin",
-    snr: float = 0.16,
-    n_steps: int = 1,
-    num_steps: int | None = None,
-    probability_flow: bool = False,
-    denoise: bool = True,
-    eps: float = 1e-3,
+    options: PCOptions,
 ) -> tuple[jax.Array, int]:
     r"""Fill in the unknown entries of ``data`` by predictor--corrector sampling with the
     known ones imposed (Song et al. 2021, app. I.2; see the module docstring).
 
     The grid, predictors, correctors and their arguments are those of
-    :func:`diffusion_sde.sampling.pc_sample`. With :math:`\Omega` the known entries, after
-    every corrector move at :math:`t_i` and after the predictor's move to :math:`t_{i+1}`,
+    :func:`diffusion_sde.sampling.pc_sample`, whose loop (:func:`~diffusion_sde.sampling.pc_loop`)
+    this is. With :math:`\Omega` the known entries, after every corrector move at
+    :math:`t_i` and after the predictor's move to :math:`t_{i+1}`,
 
     .. math::  x_\Omega \leftarrow \alpha_{t} x_\Omega(0) + \sigma_{t} z
 
     at the time ``t`` the sample stands at (fresh noise :math:`z` each time; the mean
     :math:`\alpha_t x_\Omega(0)` in the noise-free ``x_mean`` that ``denoise`` returns).
-    The samples start from the prior with the known entries imposed at :math:`T`.
+    The samples start from the prior with the known entries imposed at :math:`T`. The
+    keyword arguments are those of ``pc_sample`` (the fields of ``sampling.PCOptions``).
 
     Args:
       key: PRNG key.
       sde, score_fn: the forward SDE and the (unconditional) score of the joint data.
       data: ``(B, *dims)``; only its known entries are read.
       mask: broadcastable to ``data.shape``; nonzero (1) where ``data`` is known.
-      predictor, corrector, snr, n_steps, num_steps, probability_flow, denoise, eps: as
-        in ``pc_sample``.
 
     Returns:
       ``(samples, nfe)``: samples shaped like ``data``, equal to ``data`` on the known
       entries (exactly), and ``nfe = num_steps * (predictor evaluations + n_steps *
       corrector evaluations)``, as for ``pc_sample``.
     """
-    num_steps = sde.N if num_steps is None else num_steps
-    _, predictor_nfe = _lookup(PREDICTORS, predictor, "predictor")
-    _, corrector_nfe = _lookup(CORRECTORS, corrector, "corrector")
-    _check_pc(sde, predictor, corrector, num_steps, probability_flow)
-    data = jnp.asarray(data)
-    mask = jnp.asarray(mask)
-    if jnp.broadcast_shapes(mask.shape, data.shape) != data.shape:
-        raise ValueError(f"mask of shape {mask.shape} does not broadcast to data {data.shape}")
-    samples = _inpaint_loop(
-        key, sde, score_fn, data, mask, predictor, corrector, snr, n_steps, num_steps,
-        probability_flow, denoise, eps,
-    )  # fmt: skip
-    return samples, num_steps * (predictor_nfe + n_steps * corrector_nfe)
+    return _inpaint(key, sde, score_fn, data, mask, options)
 
 
 # --- Colorization -------------------------------------------------------------------------
@@ -220,20 +163,9 @@ class _DecoupledScore:
         return decouple(self.score_fn(couple(decoupled), t))
 
 
+@with_pc_options
 def colorize(
-    key: jax.Array,
-    sde: SDE,
-    score_fn: ScoreFn,
-    gray: jax.Array,
-    *,
-    predictor: str = "reverse_diffusion",
-    corrector: str = "langevin",
-    snr: float = 0.16,
-    n_steps: int = 1,
-    num_steps: int | None = None,
-    probability_flow: bool = False,
-    denoise: bool = True,
-    eps: float = 1e-3,
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, gray: jax.Array, *, options: PCOptions
 ) -> tuple[jax.Array, int]:
     r"""Colour grey images with an RGB score model (Song et al. 2021, app. I.3).
 
@@ -259,15 +191,14 @@ def colorize(
     ``gray = x.mean(-1, keepdims=True)`` and ``colorize(key, sde, score_fn, gray,
     num_steps=1000)`` returns colourings whose channel mean is ``gray``. (The digits of
     ``experiments/controllable_digits.py`` have one channel, so colorization is shown in
-    ``tests/test_controllable.py`` only.)
+    ``tests/test_controllable.py`` only.) The keyword arguments are those of :func:`inpaint`
+    and ``pc_sample``, the same loop in the decoupled space.
 
     Args:
       key: PRNG key.
       sde: the forward SDE (isotropic, as all of :mod:`diffusion_sde.sde`).
       score_fn: the score of RGB images ``(B, H, W, 3)`` in the model's data space.
       gray: ``(B, H, W, 1)`` grey levels (the channel mean) in the same data space.
-      predictor, corrector, snr, n_steps, num_steps, probability_flow, denoise, eps: as
-        in :func:`inpaint` (and ``pc_sample``).
 
     Returns:
       ``(images, nfe)``: ``(B, H, W, 3)`` colourings with ``images.mean(-1)`` equal to
@@ -278,11 +209,7 @@ def colorize(
         raise ValueError(f"colorize expects grey images (B, H, W, 1), got shape {gray.shape}")
     known = jnp.concatenate([math.sqrt(3.0) * gray, jnp.zeros_like(gray), jnp.zeros_like(gray)], -1)
     mask = jnp.array([1.0, 0.0, 0.0], gray.dtype)
-    decoupled, nfe = inpaint(
-        key, sde, _DecoupledScore(score_fn), known, mask, predictor=predictor,
-        corrector=corrector, snr=snr, n_steps=n_steps, num_steps=num_steps,
-        probability_flow=probability_flow, denoise=denoise, eps=eps,
-    )  # fmt: skip
+    decoupled, nfe = _inpaint(key, sde, _DecoupledScore(score_fn), known, mask, options)
     return couple(decoupled), nfe
 
 

@@ -26,6 +26,7 @@ step that builds one from a network is in ``training/step.py``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -189,36 +190,6 @@ def dsm_losses(
     return losses * WEIGHTINGS[weighting](sde, t, options)
 
 
-def dsm_loss(
-    key: jax.Array,
-    sde: SDE,
-    score_fn: ScoreFn,
-    x: jax.Array,
-    *,
-    likelihood_weighting: bool = False,
-    reduce_mean: bool = True,
-    eps: float = 1e-5,
-    weighting: str | None = None,
-    time_distribution: str = "uniform",
-    options: LossOptions = DEFAULT_LOSS_OPTIONS,
-) -> jax.Array:
-    """Batch mean of :func:`dsm_losses`: the continuous-time training objective."""
-    return jnp.mean(
-        dsm_losses(
-            key,
-            sde,
-            score_fn,
-            x,
-            likelihood_weighting=likelihood_weighting,
-            reduce_mean=reduce_mean,
-            eps=eps,
-            weighting=weighting,
-            time_distribution=time_distribution,
-            options=options,
-        )
-    )
-
-
 LabelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -243,18 +214,6 @@ def ddpm_losses(
     return _reduce_over_data(jnp.square(eps_fn(perturbed, labels) - noise), reduce_mean)
 
 
-def ddpm_loss(
-    key: jax.Array, vpsde: VPSDE, eps_fn: LabelFn, x: jax.Array, *, reduce_mean: bool = True
-) -> jax.Array:
-    """Batch mean of :func:`ddpm_losses`."""
-    return jnp.mean(ddpm_losses(key, vpsde, eps_fn, x, reduce_mean=reduce_mean))
-
-
-def smld_sigmas(vesde: VESDE) -> jax.Array:
-    """SMLD noise levels in NCSN order: label 0 is ``sigma_max``, label N-1 ``sigma_min``."""
-    return vesde.discrete_sigmas[::-1]
-
-
 def smld_losses(
     key: jax.Array, vesde: VESDE, score_fn: LabelFn, x: jax.Array, *, reduce_mean: bool = True
 ) -> jax.Array:
@@ -264,12 +223,13 @@ def smld_losses(
     .. math::  \sigma_i^2 \,\big\| s_\theta(x_0 + \sigma_i z,\; i) + z / \sigma_i \big\|^2,
        \qquad i \sim U\{0, \dots, N-1\},
 
-    with :math:`\sigma_i` from :func:`smld_sigmas` (descending). ``score_fn(x, i)``
-    takes integer noise-level labels ``i`` (shape ``(B,)``).
+    with :math:`\sigma_i` the SDE's noise levels in NCSN order, descending:
+    ``vesde.discrete_sigmas[::-1]`` (label 0 is ``sigma_max``, label N-1 ``sigma_min``).
+    ``score_fn(x, i)`` takes integer noise-level labels ``i`` (shape ``(B,)``).
     """
     key_i, key_noise = jax.random.split(key)
     labels = jax.random.randint(key_i, (x.shape[0],), 0, vesde.N)
-    sigmas = smld_sigmas(vesde)[labels]
+    sigmas = vesde.discrete_sigmas[::-1][labels]
     sigma = batch_broadcast(sigmas, x)
     noise = jax.random.normal(key_noise, x.shape) * sigma
     target = -noise / sigma**2
@@ -277,8 +237,22 @@ def smld_losses(
     return _reduce_over_data(jnp.square(score - target), reduce_mean) * sigmas**2
 
 
-def smld_loss(
-    key: jax.Array, vesde: VESDE, score_fn: LabelFn, x: jax.Array, *, reduce_mean: bool = True
-) -> jax.Array:
-    """Batch mean of :func:`smld_losses`."""
-    return jnp.mean(smld_losses(key, vesde, score_fn, x, reduce_mean=reduce_mean))
+# --- Batch means: the training objectives -------------------------------------------------
+
+
+def _batch_mean(per_example: Callable[..., jax.Array], name: str, what: str):
+    """``name(...) = mean(per_example(...))`` over the batch, with ``per_example``'s
+    arguments."""
+
+    @functools.wraps(per_example)
+    def batch_mean(*args, **kwargs) -> jax.Array:
+        return jnp.mean(per_example(*args, **kwargs))
+
+    batch_mean.__name__ = batch_mean.__qualname__ = name
+    batch_mean.__doc__ = f"Batch mean of :func:`{per_example.__name__}`: {what}."
+    return batch_mean
+
+
+dsm_loss = _batch_mean(dsm_losses, "dsm_loss", "the continuous-time training objective")
+ddpm_loss = _batch_mean(ddpm_losses, "ddpm_loss", "DDPM's training objective")
+smld_loss = _batch_mean(smld_losses, "smld_loss", "SMLD's (NCSN's) training objective")

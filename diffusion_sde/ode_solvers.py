@@ -316,56 +316,54 @@ def _dpm_history(x: jax.Array):
 
 
 # name -> (step, initial history, evaluations per step, default time grid)
-FIXED_STEP_SOLVERS: dict[str, tuple[Callable, Callable, int, str]] = {
-    "euler": (euler_step, _no_history, 1, "uniform_t"),
-    "ddim": (ddim_step, _no_history, 1, "uniform_log_snr"),
-    "heun": (heun_step, _no_history, 2, "uniform_log_snr"),
-    "dpm_solver_2": (
-        functools.partial(dpm_solver_step, order=2),
-        _dpm_history,
-        1,
-        "uniform_log_snr",
-    ),
-    "dpm_solver_3": (
-        functools.partial(dpm_solver_step, order=3),
-        _dpm_history,
-        1,
-        "uniform_log_snr",
-    ),
-} | {
-    f"unipc_{order}{suffix}": (
-        functools.partial(unipc_step, order=order, variant=variant),
-        _unipc_history,
-        1,
-        "uniform_log_snr",
-    )
-    for order, suffix, variant in (
-        (1, "", "bh1"),
-        (1, "_bh2", "bh2"),
-        (2, "", "bh1"),
-        (3, "", "bh1"),
-    )
-}
+FIXED_STEP_SOLVERS: dict[str, tuple[Callable, Callable, int, str]] = (
+    {
+        "euler": (euler_step, _no_history, 1, "uniform_t"),
+        "ddim": (ddim_step, _no_history, 1, "uniform_log_snr"),
+        "heun": (heun_step, _no_history, 2, "uniform_log_snr"),
+    }
+    | {
+        f"dpm_solver_{order}": (
+            functools.partial(dpm_solver_step, order=order),
+            _dpm_history,
+            1,
+            "uniform_log_snr",
+        )
+        for order in (2, 3)
+    }
+    | {
+        f"unipc_{order}{suffix}": (
+            functools.partial(unipc_step, order=order, variant=variant),
+            _unipc_history,
+            1,
+            "uniform_log_snr",
+        )
+        for order, suffix, variant in (
+            (1, "", "bh1"),
+            (1, "_bh2", "bh2"),
+            (2, "", "bh1"),
+            (3, "", "bh1"),
+        )
+    }
+)
 METHODS: tuple[str, ...] = ("adaptive", *FIXED_STEP_SOLVERS)
 
 
-def check_names(kind: str, method: str, methods, grid: str | None = None) -> None:
+def check_method(
+    method: str, grid: str | None = None, *, kind: str = "ODE", methods=METHODS
+) -> None:
     """Raise a ``ValueError`` listing the valid names if ``method`` is not one of ``methods``
-    (the solvers of ``kind``) or ``grid`` is not a time grid."""
+    (the solvers of ``kind``; this module's by default) or ``grid`` is not a time grid."""
     if method not in methods:
         raise ValueError(f"Unknown {kind} method {method!r}; valid: {sorted(methods)}")
     if grid is not None and grid not in TIME_GRIDS:
         raise ValueError(f"Unknown time grid {grid!r}; valid: {sorted(TIME_GRIDS)}")
 
 
-def check_method(method: str, grid: str | None = None) -> None:
-    """Raise a ``ValueError`` listing the valid names if ``method`` or ``grid`` is unknown."""
-    check_names("ODE", method, METHODS, grid)
-
-
-def fixed_step_nfe(method: str, num_steps: int) -> int:
-    """Score evaluations of ``num_steps`` steps of a fixed-step method."""
-    return FIXED_STEP_SOLVERS[method][2] * num_steps
+def fixed_step_nfe(method: str, num_steps: int, solvers=FIXED_STEP_SOLVERS) -> int:
+    """Score evaluations of ``num_steps`` steps of a fixed-step method of ``solvers`` (a
+    ``FIXED_STEP_SOLVERS`` table; this module's by default)."""
+    return solvers[method][2] * num_steps
 
 
 def solve_fixed_step(

@@ -96,26 +96,35 @@ def edm_preconditioning(
     return c_skip, c_out, c_in, c_noise
 
 
+def _affine_form(
+    name: str, c: PathCoeffs, x: jax.Array, sigma_data: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""``(r, q, b)`` with :math:`r\,\text{target} = q\,x_0 + b(x)`: the target of type
+    ``name`` as the affine function of the data prediction that the module table gives."""
+    alpha, sigma, d_alpha, d_sigma = c
+    if name == "eps":
+        return sigma, -alpha, x
+    if name == "x0":
+        return 1.0, 1.0, 0.0
+    if name == "v":
+        return sigma, -(alpha**2 + sigma**2), alpha * x
+    if name == "score":
+        return sigma**2, alpha, -x
+    if name == "velocity":
+        return sigma, d_alpha * sigma - d_sigma * alpha, d_sigma * x
+    if name == "edm":
+        c_skip, c_out, _, _ = edm_preconditioning(sigma / alpha, sigma_data)
+        return c_out, 1.0, -(c_skip * (x / alpha))
+    raise ValueError(check_parametrization(name))
+
+
 def to_data_prediction(
     name: str, c: PathCoeffs, output: jax.Array, x: jax.Array, sigma_data: float = SIGMA_DATA
 ) -> jax.Array:
     r"""The data prediction :math:`\hat x_0` from a network ``output`` of type ``name`` at ``x``
     (see the module table); ``c`` from :func:`path_coeffs`."""
-    alpha, sigma, d_alpha, d_sigma = c
-    if name == "eps":
-        return (x - sigma * output) / alpha
-    if name == "x0":
-        return output
-    if name == "v":
-        return (alpha * x - sigma * output) / (alpha**2 + sigma**2)
-    if name == "score":
-        return (x + sigma**2 * output) / alpha
-    if name == "velocity":
-        return (sigma * output - d_sigma * x) / (d_alpha * sigma - d_sigma * alpha)
-    if name == "edm":
-        c_skip, c_out, _, _ = edm_preconditioning(sigma / alpha, sigma_data)
-        return c_skip * (x / alpha) + c_out * output
-    raise ValueError(check_parametrization(name))
+    r, q, b = _affine_form(name, c, x, sigma_data)
+    return (r * output - b) / q
 
 
 def from_data_prediction(
@@ -123,21 +132,8 @@ def from_data_prediction(
 ) -> jax.Array:
     """The target of type ``name`` given the data prediction ``x0`` at ``x``: the inverse of
     :func:`to_data_prediction`."""
-    alpha, sigma, d_alpha, d_sigma = c
-    if name == "eps":
-        return (x - alpha * x0) / sigma
-    if name == "x0":
-        return x0
-    if name == "v":
-        return (alpha * x - (alpha**2 + sigma**2) * x0) / sigma
-    if name == "score":
-        return (alpha * x0 - x) / sigma**2
-    if name == "velocity":
-        return (d_sigma * x + (d_alpha * sigma - d_sigma * alpha) * x0) / sigma
-    if name == "edm":
-        c_skip, c_out, _, _ = edm_preconditioning(sigma / alpha, sigma_data)
-        return (x0 - c_skip * (x / alpha)) / c_out
-    raise ValueError(check_parametrization(name))
+    r, q, b = _affine_form(name, c, x, sigma_data)
+    return (q * x0 + b) / r
 
 
 def to_score(

@@ -19,15 +19,19 @@ with ``n = sde.N`` they are exactly DDPM's and SMLD's samplers; the score is eva
 
 Randomness: ``key`` is split once into a prior key and a loop key; step ``i`` uses
 ``fold_in(loop_key, i)``, split into a corrector key (folded again with the corrector
-move ``j``) and a predictor key. Independent implementations can thus replay the noise.
+move ``j``), a predictor key and a move key for the function that :func:`pc_loop` may
+apply after every move (inpainting's). Independent implementations can thus replay the noise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -132,11 +136,11 @@ def ancestral_sampling_predictor(
     return x_mean + std * _normal(key, x), x_mean
 
 
-def no_predictor(
-    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint,
-    probability_flow: bool,
-) -> Step:  # fmt: skip
-    """The identity: corrector-only sampling."""
+def identity_step(
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint, option: Any
+) -> Step:
+    """No move, ``(x, x)``: the ``none`` predictor (corrector-only sampling) and the ``none``
+    corrector (predictor-only sampling)."""
     return x, x
 
 
@@ -145,11 +149,11 @@ PREDICTORS: dict[str, tuple[Callable, int]] = {
     "euler_maruyama": (euler_maruyama_predictor, 1),
     "reverse_diffusion": (reverse_diffusion_predictor, 1),
     "ancestral_sampling": (ancestral_sampling_predictor, 1),
-    "none": (no_predictor, 0),
+    "none": (identity_step, 0),
 }
 
 
-# --- Correctors: (key, sde, score_fn, x, point, snr, n_steps) -> (x, x_mean) -----------
+# --- Correctors: one move (key, sde, score_fn, x, point, snr) -> (x, x_mean) --------------
 
 
 def _ddpm_alpha(sde: SDE, index: jax.Array) -> jax.Array:
@@ -162,27 +166,21 @@ def _ddpm_alpha(sde: SDE, index: jax.Array) -> jax.Array:
     return jnp.ones(())
 
 
-def _langevin(key, sde, score_fn, x, point, n_steps, step_size_fn):
-    r""":math:`n` Langevin moves :math:`\bar x = x + \epsilon s(x, t)`,
+def _langevin_move(key, score_fn, x, point, step_size_fn):
+    r"""The Langevin move :math:`\bar x = x + \epsilon s(x, t)`,
     :math:`x' = \bar x + \sqrt{2\epsilon}\,z`, with :math:`\epsilon` from ``step_size_fn``."""
-
-    def move(j, carry):
-        x, _ = carry
-        score = score_fn(x, point.t)
-        noise = _normal(jax.random.fold_in(key, j), x)
-        step_size = step_size_fn(score, noise)
-        x_mean = x + batch_broadcast(step_size, x) * score
-        return x_mean + batch_broadcast(jnp.sqrt(2.0 * step_size), x) * noise, x_mean
-
-    return jax.lax.fori_loop(0, n_steps, move, (x, x))
+    score = score_fn(x, point.t)
+    noise = _normal(key, x)
+    step_size = step_size_fn(score, noise)
+    x_mean = x + batch_broadcast(step_size, x) * score
+    return x_mean + batch_broadcast(jnp.sqrt(2.0 * step_size), x) * noise, x_mean
 
 
 def langevin_corrector(
-    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint, snr: float,
-    n_steps: int,
-) -> Step:  # fmt: skip
-    r"""Langevin MCMC with a step set by the signal-to-noise ratio ``snr`` = :math:`r`
-    (Song et al. 2021, Algorithms 4 and 5):
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint, snr: float
+) -> Step:
+    r"""One move of Langevin MCMC with a step set by the signal-to-noise ratio ``snr`` =
+    :math:`r` (Song et al. 2021, Algorithms 4 and 5):
 
     .. math::  \epsilon = 2\,\alpha_i\,(r\,\lVert z \rVert / \lVert s \rVert)^2,
 
@@ -198,14 +196,13 @@ def langevin_corrector(
         noise_norm = jnp.mean(jnp.linalg.norm(noise.reshape(x.shape[0], -1), axis=-1))
         return jnp.full(x.shape[:1], 2.0 * alpha * (snr * noise_norm / score_norm) ** 2)
 
-    return _langevin(key, sde, score_fn, x, point, n_steps, step_size)
+    return _langevin_move(key, score_fn, x, point, step_size)
 
 
 def ald_corrector(
-    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint, snr: float,
-    n_steps: int,
-) -> Step:  # fmt: skip
-    r"""Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) with the step
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint, snr: float
+) -> Step:
+    r"""One move of annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) with the step
 
     .. math::  \epsilon = 2\,\alpha_i\,(r\,\sigma_t)^2,
 
@@ -217,26 +214,62 @@ def ald_corrector(
     alpha = _ddpm_alpha(sde, point.index)
     _, sigma = sde.marginal_coeffs(point.t)
     step_size = 2.0 * alpha * (snr * sigma) ** 2
-    return _langevin(key, sde, score_fn, x, point, n_steps, lambda score, noise: step_size)
+    return _langevin_move(key, score_fn, x, point, lambda score, noise: step_size)
 
 
-def no_corrector(
-    key: jax.Array, sde: SDE, score_fn: ScoreFn, x: jax.Array, point: GridPoint, snr: float,
-    n_steps: int,
-) -> Step:  # fmt: skip
-    """The identity: predictor-only sampling."""
-    return x, x
-
-
-# name -> (corrector, score evaluations per move)
+# name -> (corrector move, score evaluations per move)
 CORRECTORS: dict[str, tuple[Callable, int]] = {
     "langevin": (langevin_corrector, 1),
     "ald": (ald_corrector, 1),
-    "none": (no_corrector, 0),
+    "none": (identity_step, 0),
 }
 
 
 # --- The predictor-corrector sampler -----------------------------------------------------
+
+_static = functools.partial(flax.struct.field, pytree_node=False)
+
+
+@flax.struct.dataclass
+class PCOptions:
+    """The options of the predictor--corrector sampler, with their defaults; each is an
+    argument of :func:`pc_sample` (see there). ``snr`` and ``eps`` are traced, the others
+    static (a new value compiles the loop anew)."""
+
+    predictor: str = _static(default="reverse_diffusion")
+    corrector: str = _static(default="langevin")
+    snr: float = 0.16
+    n_steps: int = _static(default=1)
+    num_steps: int | None = _static(default=None)
+    probability_flow: bool = _static(default=False)
+    denoise: bool = _static(default=True)
+    eps: float = 1e-3
+
+
+def with_pc_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function(*arguments, options: PCOptions)`` as its users call it: the fields of
+    :class:`PCOptions` as keyword-only arguments (with their defaults) in place of
+    ``options``, and the signature saying so."""
+    signature = inspect.signature(function)
+    fields = dataclasses.fields(PCOptions)
+    parameters = [p for name, p in signature.parameters.items() if name != "options"] + [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+        )
+        for f in fields
+    ]
+    public = signature.replace(parameters=parameters)
+
+    @functools.wraps(function)
+    def with_options(*args, **kwargs):
+        arguments = public.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        values = arguments.arguments
+        options = PCOptions(**{f.name: values.pop(f.name) for f in fields})
+        return function(**values, options=options)
+
+    with_options.__signature__ = public
+    return with_options
 
 
 def _lookup(table: dict, name: str, what: str):
@@ -245,92 +278,131 @@ def _lookup(table: dict, name: str, what: str):
     return table[name]
 
 
-def _check_pc(sde: SDE, predictor: str, corrector: str, num_steps: int, probability_flow: bool):
-    """Reject undefined combinations before tracing, with a message saying why."""
+def _check_ddpm_chain(sde: SDE, predictor: str, corrector: str, num_steps: int) -> None:
+    """DDPM's chain with N = num_steps needs beta_i = beta(t_i) / N < 1; checked when the
+    SDE's parameters are concrete (not traced by an enclosing jit)."""
+    uses_chain = predictor in ("reverse_diffusion", "ancestral_sampling") or corrector != "none"
+    if not (uses_chain and isinstance(sde, VPSDE | subVPSDE)):
+        return
+    try:
+        beta_max = float(sde.beta_max)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return
+    if beta_max / num_steps >= 1.0:
+        raise ValueError(
+            f"num_steps={num_steps} is too small for the DDPM chain used by predictor "
+            f"{predictor!r} / corrector {corrector!r} (beta_max / num_steps = "
+            f"{beta_max / num_steps:.2f} >= 1): use num_steps > {beta_max:g}, or "
+            f"predictor='euler_maruyama' with corrector='none', or ode_sample."
+        )
+
+
+def check_pc_options(sde: SDE, options: PCOptions, prefix: str = "") -> PCOptions:
+    """``options`` with ``num_steps=None`` made ``sde.N``, after rejecting unknown names
+    (the error names the field as ``prefix + "predictor"``) and undefined combinations
+    before tracing, with a message saying why."""
+    _lookup(PREDICTORS, options.predictor, prefix + "predictor")
+    _lookup(CORRECTORS, options.corrector, prefix + "corrector")
+    num_steps = sde.N if options.num_steps is None else options.num_steps
+    predictor, corrector = options.predictor, options.corrector
     if predictor == "ancestral_sampling":
         if not isinstance(sde, VPSDE | VESDE):
             raise ValueError(
                 f"ancestral_sampling is defined for VPSDE (DDPM) and VESDE (SMLD), not for "
                 f"{type(sde).__name__}: use 'reverse_diffusion' or 'euler_maruyama'."
             )
-        if probability_flow:
+        if options.probability_flow:
             raise ValueError(
                 "ancestral_sampling has no probability-flow form: use 'reverse_diffusion' or "
                 "'euler_maruyama' with probability_flow=True, or ode_sample (e.g. method='ddim')."
             )
     if num_steps < 2:
         raise ValueError(f"pc_sample needs num_steps >= 2, got {num_steps}.")
-    # DDPM's chain with N = num_steps needs beta_i = beta(t_i) / N < 1; check it when the
-    # SDE's parameters are concrete (not traced by an enclosing jit).
-    uses_chain = predictor in ("reverse_diffusion", "ancestral_sampling") or corrector != "none"
-    if uses_chain and isinstance(sde, VPSDE | subVPSDE):
-        try:
-            beta_max = float(sde.beta_max)
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            return
-        if beta_max / num_steps >= 1.0:
-            raise ValueError(
-                f"num_steps={num_steps} is too small for the DDPM chain used by predictor "
-                f"{predictor!r} / corrector {corrector!r} (beta_max / num_steps = "
-                f"{beta_max / num_steps:.2f} >= 1): use num_steps > {beta_max:g}, or "
-                f"predictor='euler_maruyama' with corrector='none', or ode_sample."
-            )
+    _check_ddpm_chain(sde, predictor, corrector, num_steps)
+    return options.replace(num_steps=num_steps)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "score_fn",
-        "shape",
-        "predictor",
-        "corrector",
-        "n_steps",
-        "num_steps",
-        "probability_flow",
-        "denoise",
-    ),
-)
-def _pc_loop(
-    key, sde, score_fn, shape, predictor, corrector, snr, n_steps, num_steps, probability_flow,
-    denoise, eps,
-):  # fmt: skip
-    predictor_fn, _ = PREDICTORS[predictor]
-    corrector_fn, _ = CORRECTORS[corrector]
+def pc_nfe(options: PCOptions) -> int:
+    """Score evaluations of the sampler with ``options`` (``num_steps`` set):
+    ``num_steps * (predictor evaluations + n_steps * corrector evaluations)``."""
+    _, predictor_nfe = PREDICTORS[options.predictor]
+    _, corrector_nfe = CORRECTORS[options.corrector]
+    return options.num_steps * (predictor_nfe + options.n_steps * corrector_nfe)
+
+
+# after_move(key, x, x_mean, t) -> (x, x_mean): applied after every move, at the time t the
+# sample stands at; key as in the module docstring.
+AfterMove = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], Step]
+
+
+def pc_loop(
+    loop_key: jax.Array,
+    sde: SDE,
+    score_fn: ScoreFn,
+    x: jax.Array,
+    options: PCOptions,
+    after_move: AfterMove | None = None,
+) -> jax.Array:
+    r"""The predictor--corrector loop from ``x`` at ``T`` (see :func:`pc_sample`), with
+    ``options`` from :func:`check_pc_options`; traceable, not compiled by itself.
+
+    ``after_move``, if given, is applied after every corrector move at :math:`t_i` and
+    after the predictor's move to :math:`t_{i+1}`, as ``(x, x_mean) = after_move(key, x,
+    x_mean, t)`` with ``t`` the time the sample then stands at (shape ``(B,)``) and ``key``
+    ``fold_in(move_key, j)`` for corrector move ``j``, ``fold_in(move_key, n_steps)`` after
+    the predictor (``move_key`` of step ``i`` as in the module docstring). Without it the
+    loop is Algorithm 1 as it stands; with it, e.g. inpainting.
+
+    Returns:
+      the last ``x_mean`` (``options.denoise``) or ``x``.
+    """
+    predictor_fn, _ = PREDICTORS[options.predictor]
+    corrector_fn, _ = CORRECTORS[options.corrector]
+    num_steps, n_steps = options.num_steps, options.n_steps
     chain = sde.replace(N=num_steps)
-    prior_key, loop_key = jax.random.split(key)
-    x = sde.prior_sampling(prior_key, shape)
-    timesteps = jnp.linspace(sde.T, eps, num_steps)
+    timesteps = jnp.linspace(sde.T, options.eps, num_steps)
     next_timesteps = jnp.append(timesteps[1:], 0.0)
+    batch = jnp.ones(x.shape[:1], x.dtype)
+    after = after_move or (lambda key, x, x_mean, t: (x, x_mean))
 
     def step(carry, inputs):
         x, _ = carry
         i, t, t_next = inputs
-        corrector_key, predictor_key = jax.random.split(jax.random.fold_in(loop_key, i))
-        batch = jnp.ones(shape[:1], x.dtype)
+        # split(k, 3)[:2] is split(k, 2) (JAX's partitionable threefry): adding the third
+        # key, after_move's, leaves the corrector and predictor noise as it was.
+        corrector_key, predictor_key, move_key = jax.random.split(
+            jax.random.fold_in(loop_key, i), 3
+        )
         point = GridPoint(t * batch, t_next * batch, num_steps - 1 - i)
-        x, x_mean = corrector_fn(corrector_key, chain, score_fn, x, point, snr, n_steps)
-        x, x_mean = predictor_fn(predictor_key, chain, score_fn, x, point, probability_flow)
-        return (x, x_mean), None
+
+        def corrector_move(j, carry):
+            x, _ = carry
+            x, x_mean = corrector_fn(
+                jax.random.fold_in(corrector_key, j), chain, score_fn, x, point, options.snr
+            )
+            return after(jax.random.fold_in(move_key, j), x, x_mean, point.t)
+
+        if options.corrector != "none":  # else no move, and nothing to apply after it
+            x, _ = jax.lax.fori_loop(0, n_steps, corrector_move, (x, x))
+        x, x_mean = predictor_fn(predictor_key, chain, score_fn, x, point, options.probability_flow)
+        key = jax.random.fold_in(move_key, n_steps)
+        return after(key, x, x_mean, point.t_next), None
 
     steps = (jnp.arange(num_steps), timesteps, next_timesteps)
     (x, x_mean), _ = jax.lax.scan(step, (x, x), steps)
-    return x_mean if denoise else x
+    return x_mean if options.denoise else x
 
 
+@functools.partial(jax.jit, static_argnames=("score_fn", "shape"))
+def _pc_samples(key, sde, score_fn, shape, options):
+    prior_key, loop_key = jax.random.split(key)
+    x = sde.prior_sampling(prior_key, shape)
+    return pc_loop(loop_key, sde, score_fn, x, options)
+
+
+@with_pc_options
 def pc_sample(
-    key: jax.Array,
-    sde: SDE,
-    score_fn: ScoreFn,
-    shape: tuple[int, ...],
-    *,
-    predictor: str = "reverse_diffusion",
-    corrector: str = "langevin",
-    snr: float = 0.16,
-    n_steps: int = 1,
-    num_steps: int | None = None,
-    probability_flow: bool = False,
-    denoise: bool = True,
-    eps: float = 1e-3,
+    key: jax.Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, options: PCOptions
 ) -> tuple[jax.Array, int]:
     r"""Predictor--corrector sampling of the reverse SDE (Song et al. 2021, Algorithm 1).
 
@@ -339,6 +411,8 @@ def pc_sample(
     predictor move to :math:`t_{i+1}` (to 0 after the last point). The discrete predictors
     and correctors use ``sde.replace(N=num_steps)``, level ``num_steps - 1 - i`` at step
     ``i`` (see the module docstring); for VP this needs ``num_steps > beta_max``.
+
+    The keyword arguments are the fields of :class:`PCOptions`, with its defaults.
 
     Args:
       key: PRNG key (split and folded with the step index as in the module docstring).
@@ -362,15 +436,8 @@ def pc_sample(
       ``(samples, nfe)``: samples of shape ``shape`` and
       ``nfe = num_steps * (predictor evaluations + n_steps * corrector evaluations)``.
     """
-    num_steps = sde.N if num_steps is None else num_steps
-    _, predictor_nfe = _lookup(PREDICTORS, predictor, "predictor")
-    _, corrector_nfe = _lookup(CORRECTORS, corrector, "corrector")
-    _check_pc(sde, predictor, corrector, num_steps, probability_flow)
-    samples = _pc_loop(
-        key, sde, score_fn, tuple(shape), predictor, corrector, snr, n_steps, num_steps,
-        probability_flow, denoise, eps,
-    )  # fmt: skip
-    return samples, num_steps * (predictor_nfe + n_steps * corrector_nfe)
+    options = check_pc_options(sde, options)
+    return _pc_samples(key, sde, score_fn, tuple(shape), options), pc_nfe(options)
 
 
 # --- The probability-flow ODE sampler ----------------------------------------------------
@@ -675,7 +742,7 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
         denoise=field("noise_removal", True),
     )
     if method == "pc":
-        kwargs = dict(
+        options = PCOptions(
             predictor=sampling_config.predictor.lower(),
             corrector=sampling_config.corrector.lower(),
             snr=sampling_config.snr,
@@ -683,15 +750,8 @@ def get_sampler(sampling_config: Any, sde: SDE, shape: tuple[int, ...]) -> Sampl
             probability_flow=field("probability_flow", False),
             **common,
         )
-        _lookup(PREDICTORS, kwargs["predictor"], "sampling.predictor")
-        _lookup(CORRECTORS, kwargs["corrector"], "sampling.corrector")
-        _check_pc(
-            sde,
-            kwargs["predictor"],
-            kwargs["corrector"],
-            sde.N if kwargs["num_steps"] is None else kwargs["num_steps"],
-            kwargs["probability_flow"],
-        )
+        check_pc_options(sde, options, prefix="sampling.")
+        kwargs = dataclasses.asdict(options)
         return lambda key, score_fn: pc_sample(key, sde, score_fn, shape, **kwargs)
     if method == "ode":
         kwargs = dict(

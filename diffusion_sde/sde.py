@@ -86,11 +86,12 @@ class SDE:
     """
 
     N: int
+    end_time: float = 1.0  # A field of the paths that end before t = 1.
 
     @property
     def T(self) -> float:
-        """End time of the forward process."""
-        return 1.0
+        """End time of the forward process: ``end_time``."""
+        return self.end_time
 
     def marginal_coeffs(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         r"""``(alpha_t, sigma_t)`` of the kernel :math:`\mathcal N(\alpha_t x_0, \sigma_t^2 I)`."""
@@ -404,10 +405,6 @@ class CosineSDE(SDE):
     end_time: float = flax.struct.field(pytree_node=False, default=0.9946)
     N: int = flax.struct.field(pytree_node=False, default=1000)
 
-    @property
-    def T(self) -> float:
-        return self.end_time
-
     def _phi(self, t):
         return (t + self.s) / (1.0 + self.s) * (0.5 * jnp.pi)
 
@@ -472,10 +469,6 @@ class RectifiedFlow(SDE):
 
     end_time: float = flax.struct.field(pytree_node=False, default=0.999)
     N: int = flax.struct.field(pytree_node=False, default=1000)
-
-    @property
-    def T(self) -> float:
-        return self.end_time
 
     def marginal_coeffs(self, t):
         return 1.0 - t, t

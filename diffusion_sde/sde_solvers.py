@@ -47,7 +47,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_sde.ode_solvers import check_names, data_prediction, time_grid
+from diffusion_sde import ode_solvers
+from diffusion_sde.ode_solvers import data_prediction, time_grid
 from diffusion_sde.sde import SDE, ScoreFn, batch_broadcast
 
 # Jolicoeur-Martineau et al.'s (2021) defaults: safety factor theta, exponent r, first step.
@@ -93,32 +94,22 @@ def _dpm_sde_history(x: jax.Array):
 
 # name -> (step, initial history, evaluations per step, default time grid)
 FIXED_STEP_SOLVERS: dict[str, tuple[Callable, Callable, int, str]] = {
-    "dpm_solver_1_sde": (
-        functools.partial(dpm_solver_sde_step, order=1),
+    f"dpm_solver_{order}_sde": (
+        functools.partial(dpm_solver_sde_step, order=order),
         _dpm_sde_history,
         1,
         "uniform_log_snr",
-    ),
-    "dpm_solver_2_sde": (
-        functools.partial(dpm_solver_sde_step, order=2),
-        _dpm_sde_history,
-        1,
-        "uniform_log_snr",
-    ),
+    )
+    for order in (1, 2)
 }
 # name -> one step size per example (the paper's) or one for the whole batch.
 ADAPTIVE_SOLVERS: dict[str, bool] = {"adaptive": False, "adaptive_per_example": True}
 METHODS: tuple[str, ...] = (*ADAPTIVE_SOLVERS, *FIXED_STEP_SOLVERS)
 
 
-def check_method(method: str, grid: str | None = None) -> None:
-    """Raise a ``ValueError`` listing the valid names if ``method`` or ``grid`` is unknown."""
-    check_names("reverse-SDE", method, METHODS, grid)
-
-
-def fixed_step_nfe(method: str, num_steps: int) -> int:
-    """Score evaluations of ``num_steps`` steps of a fixed-step method."""
-    return FIXED_STEP_SOLVERS[method][2] * num_steps
+# The checks and counts of ode_solvers, on this module's tables.
+check_method = functools.partial(ode_solvers.check_method, kind="reverse-SDE", methods=METHODS)
+fixed_step_nfe = functools.partial(ode_solvers.fixed_step_nfe, solvers=FIXED_STEP_SOLVERS)
 
 
 def solve_fixed_step(

@@ -49,7 +49,9 @@ def component_score(mixture, labels):
 # selects a group, whose unknown modes have weights w_k / sum_group w. The noisy known
 # coordinate identifies the group long before the unknown one commits to a mode, the regime
 # in which the replacement method samples the true conditional (see controllable's
-# docstring for its bias otherwise).
+# docstring for its bias otherwise). Its example there, measured with the exact score, 200 PC
+# steps and 2,000 samples: the mode x_2 = 3 of conditional weight 0.25 (0.55 unconditionally)
+# receives 0.45 of the samples on VP and VE, 0.47 on sub-VP.
 INPAINT_MEANS = jnp.array([[k, u] for k in (-10.0, 10.0) for u in (-2.0, 0.0, 2.0)])
 INPAINT_WEIGHTS = jnp.array([0.04, 0.06, 0.3, 0.36, 0.18, 0.06])
 INPAINT_STDS = jnp.full((6,), 0.2)

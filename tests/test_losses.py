@@ -159,7 +159,7 @@ def test_smld_loss_minimised_by_exact_score():
     @jax.jit
     def per_example_loss(theta):
         def score_fn(x_i, i):
-            sigma = losses.smld_sigmas(sde)[i][:, None]
+            sigma = sde.discrete_sigmas[::-1][i][:, None]
             return -theta * (x_i - MU) / (DATA_STD**2 + sigma**2)
 
         return losses.smld_losses(key, sde, score_fn, x)
