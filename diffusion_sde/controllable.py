@@ -33,8 +33,8 @@ is one channel: see :func:`colorize`.
 :func:`classifier_guided_score` adds the gradient of any classifier log-probability
 function :math:`\log p_t(y \mid x)` (e.g. ``models.classifier_log_prob_fn`` of a
 ``models.NoiseConditionalClassifier`` trained by ``training.classifier.train_classifier``
-on forward-diffused data; re-exported here), and :func:`classifier_free_guided_score` mixes the conditional and unconditional
-scores of one network trained with label dropout (Ho & Salimans 2022).
+on forward-diffused data), and :func:`classifier_free_guided_score` mixes the conditional
+and unconditional scores of one network trained with label dropout (Ho & Salimans 2022).
 
 ``nfe`` counts evaluations of the ``score_fn`` handed to the sampler, as everywhere in this
 package. A guided score costs more than one network evaluation: classifier guidance one
@@ -282,24 +282,11 @@ def classifier_free_guided_score(
 
 
 # --- The noise-conditional classifier, re-exported ------------------------------------------
-# The network lives with the networks (models/classifier.py) and its training with training
-# (training/classifier.py); guidance above takes any log-probability function. The names
-# stay importable from here for the notebooks and scripts written against them.
-from diffusion_sde.models.classifier import (  # noqa: E402
-    NoiseConditionalClassifier,
-    classifier_log_prob_fn,
-)
-from diffusion_sde.training.classifier import classifier_loss, train_classifier  # noqa: E402
-
 __all__ = [
-    "NoiseConditionalClassifier",
     "classifier_free_guided_score",
     "classifier_guided_score",
-    "classifier_log_prob_fn",
-    "classifier_loss",
     "colorize",
     "couple",
     "decouple",
     "inpaint",
-    "train_classifier",
 ]

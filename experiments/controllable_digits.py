@@ -54,8 +54,10 @@ from ml_collections import config_flags
 from diffusion_sde import controllable, plotting
 from diffusion_sde import data as data_lib
 from diffusion_sde.models import get_score_fn
+from diffusion_sde.models.classifier import NoiseConditionalClassifier, classifier_log_prob_fn
 from diffusion_sde.sampling import pc_sample
 from diffusion_sde.training import checkpoint
+from diffusion_sde.training.classifier import train_classifier
 
 # The config files import `configs.default_digits`: put the repository root on the path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -151,7 +153,7 @@ def classifier_settings(config) -> dict:
 
 def load_or_train_classifier(sde, train_x, train_labels, settings, directory):
     """The classifier's parameters, from ``directory`` when trained with ``settings``."""
-    model = controllable.NoiseConditionalClassifier(
+    model = NoiseConditionalClassifier(
         num_classes=NUM_CLASSES,
         features=settings["features"],
         channel_multipliers=tuple(settings["channel_multipliers"]),
@@ -165,7 +167,7 @@ def load_or_train_classifier(sde, train_x, train_labels, settings, directory):
         print(f"classifier: settings changed, retraining ({settings_path})")
     directory.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    params, losses = controllable.train_classifier(
+    params, losses = train_classifier(
         jax.random.key(settings["seed"]), sde, (train_x, train_labels), model=model,
         num_steps=settings["num_steps"], batch_size=settings["batch_size"],
         learning_rate=settings["learning_rate"],
@@ -256,7 +258,7 @@ def main(argv):
     classifier, classifier_params = load_or_train_classifier(
         sde, train_x, train_labels, settings, out / "classifier"
     )
-    log_prob_fn = controllable.classifier_log_prob_fn(sde, classifier, classifier_params)
+    log_prob_fn = classifier_log_prob_fn(sde, classifier, classifier_params)
     accuracy = classifier_accuracy(
         jax.random.fold_in(key, 1), sde, log_prob_fn, test_x, test_labels
     )

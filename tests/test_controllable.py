@@ -9,18 +9,17 @@ import pytest
 from diffusion_sde import controllable
 from diffusion_sde.controllable import (
     DECOUPLING_MATRIX,
-    NoiseConditionalClassifier,
     classifier_free_guided_score,
     classifier_guided_score,
-    classifier_log_prob_fn,
     colorize,
     decouple,
     inpaint,
-    train_classifier,
 )
+from diffusion_sde.models.classifier import NoiseConditionalClassifier, classifier_log_prob_fn
 from diffusion_sde.sampling import pc_sample
 from diffusion_sde.sde import VESDE, VPSDE, subVPSDE
 from diffusion_sde.toy_scores import GaussianMixture
+from diffusion_sde.training.classifier import train_classifier
 
 
 def tv_tolerance(probabilities, n, sampler_error=0.02):
