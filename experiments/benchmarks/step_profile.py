@@ -19,13 +19,16 @@ machine's capacity (wall time x cores) that each kind of operation took:
   have their own row;
 - other instructions of ``Conv*`` modules are the convolution's data movement (Winograd
   tile transforms, patches, padding), those of ``GroupNorm*`` modules normalisation, copies
-  and transposes outside them layout copies, the rest elementwise and other fusions
-  (activations, residual sums, the loss, Adam);
+  and transposes outside them layout copies, those of ``jax.random`` (``threefry``,
+  ``_uniform``, ``_bernoulli`` in ``op_name``; a ``while`` loop's events include its body's)
+  random numbers, the rest elementwise and other fusions (activations, residual sums, the
+  loss, Adam);
 - *idle* is what is left of the capacity: cores running no operation of the step (dispatch,
   waiting between dependent operations, or another process on a shared machine). The
   process CPU time over the same calls is printed beside it (CPU time below the summed
   operation time means operations were waiting or descheduled inside their events), and
-  the time during which no operation of the step ran on any thread.
+  the time during which no operation of the step ran on any thread, and the mean number of
+  operations running at once while any runs (1 means the step ran one operation at a time).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ CATEGORIES = (
     "GroupNorm (forward + backward)",
     "other products (attention, dense)",
     "layout copies and transposes",
+    "random numbers (dropout masks, noise)",
     "elementwise and other fusions",
 )
 _PRODUCTS = ("convolution", "dot")
@@ -58,6 +62,8 @@ _STRUCTURAL = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple"}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
 _SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
+# The jitted internals of jax.random in op_name metadata.
+_RANDOM = re.compile(r"threefry|random_bits|jit\(_(uniform|normal|bernoulli)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +101,9 @@ def parse_hlo(text: str) -> tuple[dict[str, list[Instruction]], str]:
                     dims=tuple(int(d) for d in dims.group(1).split(",") if d) if dims else (),
                     text=rest,
                     op_name=op_name.group(1) if op_name else "",
-                    called=tuple(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", rest)),
+                    called=tuple(
+                        re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", rest)
+                    ),
                 )
             )
     return computations, entry
@@ -159,7 +167,9 @@ def classify(
         return CATEGORIES[3]
     if all(i.opcode in ("copy", "transpose") for i in inner):
         return CATEGORIES[6]
-    return CATEGORIES[7]
+    if any(_RANDOM.search(i.op_name) for i in (instruction, *inner)):
+        return CATEGORIES[7]
+    return CATEGORIES[8]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,11 +250,12 @@ def profile_step(compiled, one_step, calls: int = 3, top: int = 10) -> dict[str,
     for category, share in shares.items():
         ms_per_step = share * capacity_ns / 1e6 / calls
         print(f"| {category} | {ms_per_step:.1f} | {100 * share:.1f}% |")
-    no_op_s = wall_s - _union_ns(events) / 1e9
+    running_ns = _union_ns(events)
     print(
         f"process CPU time {100 * cpu_s / (wall_s * cores):.0f}% of wall x cores; no "
-        f"operation on any thread {100 * no_op_s / wall_s:.0f}% of the wall time; "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"operation on any thread {100 * (1 - running_ns / (wall_s * 1e9)):.0f}% of the wall "
+        f"time; {busy_ns / running_ns:.2f} operations running at once on average while any "
+        f"runs; load average {os.getloadavg()[0]:.1f}"
     )
     print(f"\n| top {top} operations | category | ms per step | op_name |\n|---|---|---:|---|")
     for name, ns in per_op.most_common(top):
