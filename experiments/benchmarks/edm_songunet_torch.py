@@ -35,9 +35,9 @@ import time
 import types
 
 
-def _timed(fn, repeats: int) -> tuple[float, float, float]:
-    """``(first_s, median_wall_s, median_cpu_s)`` of ``fn()``: the first call, then
-    ``repeats`` more."""
+def _timed(fn, repeats: int, names: tuple[str, str, str]) -> dict[str, float]:
+    """The seconds of the first call of ``fn()``, then the medians of wall and process CPU
+    time over ``repeats`` more, under ``names``."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
@@ -47,7 +47,7 @@ def _timed(fn, repeats: int) -> tuple[float, float, float]:
         fn()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return first, statistics.median(wall), statistics.median(cpu)
+    return dict(zip(names, (first, statistics.median(wall), statistics.median(cpu)), strict=True))
 
 
 def main() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
             return net(x0, labels, None)
 
     net.eval()
-    forward_first_s, forward_s, forward_cpu_s = _timed(forward, args.repeats)
+    forward_times = _timed(forward, args.repeats, ("first_forward_s", "forward_s", "forward_cpu_s"))
 
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
     beta_min, beta_max = 0.1, 20.0
@@ -101,15 +101,11 @@ def main() -> None:
         return loss
 
     net.train()
-    step_first_s, step_s, step_cpu_s = _timed(train_step, args.repeats)
+    step_times = _timed(train_step, args.repeats, ("first_step_s", "step_s", "step_cpu_s"))
     result = dict(
         num_params=num_params,
-        forward_s=forward_s,
-        forward_cpu_s=forward_cpu_s,
-        first_forward_s=forward_first_s,
-        step_s=step_s,
-        step_cpu_s=step_cpu_s,
-        first_step_s=step_first_s,
+        **forward_times,
+        **step_times,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         threads=torch.get_num_threads(),
         version=f"torch {torch.__version__}",
