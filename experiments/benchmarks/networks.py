@@ -18,6 +18,7 @@ Usage::
     python experiments/benchmarks/networks.py --conv-impl xla,patches   # compare implementations
     python experiments/benchmarks/networks.py --config configs/some_config.py  # its config.model
     python experiments/benchmarks/networks.py --set nf=64 --set ch_mult=1,2
+    python experiments/benchmarks/networks.py --preset edm_ddpmpp_small --batch 16 --profile
 
 Reference on a 2-core CPU (2 threads), batch 8 at 32x32x3, EDM-style DDPM++ (55.7M
 parameters): PyTorch takes about 6.0 s per training step and 1.7 s per forward pass.
@@ -42,8 +43,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from diffusion_sde.models import count_parameters, get_model
 from diffusion_sde.models.convolution import CONV_IMPLS
-from diffusion_sde.models.ncsnpp import NCSNpp
+
+# The repository root on sys.path: config files import their defaults as ``configs.*``, and
+# this script its siblings as ``experiments.benchmarks.*``.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from experiments.benchmarks import step_profile  # noqa: E402
 
 # The CIFAR-10 architectures of the paper (Song et al. 2021, table 3/appendix H) and the
 # DDPM++ of EDM's CIFAR-10 runs (Karras et al. 2022), with their parameter counts.
@@ -80,6 +86,7 @@ _NCSNPP = dict(_DDPMPP, embedding_type="fourier", fir=True, progressive_input="r
 _NCSNPP.update(scale_by_sigma=True)
 PRESETS = {
     "edm_ddpmpp": (dict(_DDPMPP, ch_mult=(2, 2, 2)), 55_732_739),
+    "edm_ddpmpp_small": (dict(_DDPMPP, nf=32, ch_mult=(1, 2, 2), num_res_blocks=2), 1_754_147),
     "ddpmpp": (_DDPMPP, 61_804_419),
     "ddpmpp_deep": (dict(_DDPMPP, num_res_blocks=8), 106_632_579),
     "ncsnpp": (_NCSNPP, 62_758_787),
@@ -97,8 +104,6 @@ def _parse_value(text: str):
 
 def build_model_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     if args.config:
-        # Config files import their defaults as ``configs.*``, from the repository root.
-        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
         spec = importlib.util.spec_from_file_location("benchmark_config", args.config)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -131,29 +136,9 @@ def _compile(fn, *args):
     return compiled, time.perf_counter() - start
 
 
-def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict:
-    model = NCSNpp(config=model_config)
-    shape = (args.batch, args.image_size, args.image_size, args.channels)
-    key_init, key_data, key_step = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.uniform(key_data, shape)
-    t = jnp.full((args.batch,), 0.5)
-    time_cond = t * 999.0 if model_config.embedding_type == "positional" else t + 0.01
-
-    abstract = jax.eval_shape(model.init, key_init, x, time_cond)
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(abstract["params"]))
-    start = time.perf_counter()
-    variables = jax.block_until_ready(jax.jit(model.init)(key_init, x, time_cond))
-    init_s = time.perf_counter() - start
-
-    forward = jax.jit(lambda variables, x, c: model.apply(variables, x, c))
-    forward_compiled, forward_compile_s = _compile(forward, variables, x, time_cond)
-    jax.block_until_ready(forward_compiled(variables, x, time_cond))
-    forward_s, forward_cpu_s = median_time(
-        lambda: forward_compiled(variables, x, time_cond), args.repeats
-    )
-
-    optimizer = optax.adam(2e-4)
-    beta_min, beta_max = 0.1, 20.0
+def vp_noise_prediction_loss(model, beta_min: float = 0.1, beta_max: float = 20.0):
+    """``loss_fn(params, key, x0)``: the module docstring's loss on a linear-beta VP path,
+    one draw of ``t`` and of the noise per example, with dropout as in training."""
 
     def loss_fn(params, key, x0):
         key_t, key_noise, key_dropout = jax.random.split(key, 3)
@@ -167,17 +152,59 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
         )
         return jnp.mean(jnp.sum((predicted - epsilon) ** 2, axis=(1, 2, 3)))
 
+    return loss_fn
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation):
+    """``train_step(params, opt_state, key, x0) -> (params, opt_state, loss)``: one Adam step
+    on :func:`vp_noise_prediction_loss`."""
+    loss_fn = vp_noise_prediction_loss(model)
+
     def train_step(params, opt_state, key, x0):
         loss, grads = jax.value_and_grad(loss_fn)(params, key, x0)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    return train_step
+
+
+def _timed_call(fn, *args):
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(*args))
+    return result, time.perf_counter() - start
+
+
+def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace) -> dict:
+    """Times of the network built by ``get_model(model_config)`` on a batch of
+    ``args.batch`` images of ``args.image_size`` x ``args.image_size`` x ``args.channels``,
+    medians over ``args.repeats`` calls; ``args.profile`` (optional) also prints
+    :func:`step_profile.profile_step` of the training step."""
+    model = get_model(model_config)
+    shape = (args.batch, args.image_size, args.image_size, args.channels)
+    key_init, key_data, key_step = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.uniform(key_data, shape)
+    t = jnp.full((args.batch,), 0.5)
+    time_cond = t * 999.0 if model_config.embedding_type == "positional" else t + 0.01
+
+    abstract = jax.eval_shape(model.init, key_init, x, time_cond)
+    num_params = count_parameters(abstract["params"])
+    variables, init_s = _timed_call(jax.jit(model.init), key_init, x, time_cond)
+
+    forward = jax.jit(lambda variables, x, c: model.apply(variables, x, c))
+    forward_compiled, forward_compile_s = _compile(forward, variables, x, time_cond)
+    _, forward_first_s = _timed_call(forward_compiled, variables, x, time_cond)
+    forward_s, forward_cpu_s = median_time(
+        lambda: forward_compiled(variables, x, time_cond), args.repeats
+    )
+
+    optimizer = optax.adam(2e-4)
     params = variables["params"]
     opt_state = optimizer.init(params)
-    step = jax.jit(train_step, donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(model, optimizer), donate_argnums=(0, 1))
     step_compiled, step_compile_s = _compile(step, params, opt_state, key_step, x)
-    params, opt_state, loss = step_compiled(params, opt_state, key_step, x)
-    jax.block_until_ready(loss)
+    (params, opt_state, _), step_first_s = _timed_call(
+        step_compiled, params, opt_state, key_step, x
+    )
 
     def one_step():
         nonlocal params, opt_state
@@ -185,14 +212,18 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
         return loss
 
     step_s, step_cpu_s = median_time(one_step, args.repeats)
+    if getattr(args, "profile", False):
+        step_profile.profile_step(step_compiled, one_step, calls=args.repeats)
     device_stats = jax.devices()[0].memory_stats() or {}
     return dict(
         num_params=num_params,
         init_s=init_s,
         forward_s=forward_s,
         forward_cpu_s=forward_cpu_s,
+        forward_first_s=forward_first_s,
         step_s=step_s,
         step_cpu_s=step_cpu_s,
+        step_first_s=step_first_s,
         forward_compile_s=forward_compile_s,
         step_compile_s=step_compile_s,
         device_peak_bytes=device_stats.get("peak_bytes_in_use"),
@@ -214,6 +245,11 @@ def main() -> None:
         help="comma-separated, of " + ", ".join(CONV_IMPLS) + " (default: the config's)",
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace --repeats training steps and print where their time goes",
+    )
     args = parser.parse_args()
 
     model_config = build_model_config(args)
