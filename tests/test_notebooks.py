@@ -90,16 +90,18 @@ def run_notebook(
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         **(env or {}),
     }
+    km = kernel_manager(tmp_path, kernel_env)
     client = NotebookClient(
-        notebook,
-        km=kernel_manager(tmp_path, kernel_env),
-        timeout=CELL_TIMEOUT_S,
-        resources={"metadata": {"path": str(tmp_path)}},
+        notebook, km=km, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(tmp_path)}}
     )
     start = time.perf_counter()
     try:
         client.execute()
     finally:
+        # The client leaves a kernel it did not start alive: stop it, or its memory stays
+        # held until the test process ends.
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
         nbformat.write(notebook, tmp_path / name)
         print(f"{name}: {time.perf_counter() - start:.1f} s")
     return notebook
