@@ -23,11 +23,12 @@ test-slow: $(STAMP)
 
 # The default run: train the digits VP model (resuming if WORKDIR has a checkpoint), then
 # print the test bits/dim. Samples: $(WORKDIR)/samples/step_*.png. FID/KID of 1,000
-# samples: the same --mode=eval without the last line (a few more minutes).
+# samples: the same --mode=eval without the last line (a few more minutes). Compiled
+# programs are kept in $JAX_COMPILATION_CACHE_DIR, by default ~/.cache/diffusion_sde/jax.
 run: $(STAMP)
-	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache $(PY) -m diffusion_sde.main \
+	$(PY) -m diffusion_sde.main \
 		--config=configs/digits_vp.py --workdir=$(WORKDIR)
-	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache $(PY) -m diffusion_sde.main \
+	$(PY) -m diffusion_sde.main \
 		--config=configs/digits_vp.py --workdir=$(WORKDIR) --mode=eval \
 		--config.eval.enable_sampling=False
 
@@ -46,4 +47,4 @@ bench: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .jax_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache

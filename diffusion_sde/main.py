@@ -17,7 +17,6 @@ Compiled programs are cached on disk (``JAX_COMPILATION_CACHE_DIR``, by default
 
 import logging as python_logging
 import os
-import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -93,10 +92,9 @@ def main(argv):
     del argv
     import jax
 
-    cache = os.environ.get(
-        "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "diffusion_sde" / "jax")
-    )
-    jax.config.update("jax_compilation_cache_dir", cache)
+    from diffusion_sde.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     if FLAGS.multihost:
         jax.distributed.initialize()
     logging.set_verbosity(logging.INFO)

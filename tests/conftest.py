@@ -1,18 +1,14 @@
-"""Test set-up: 8 simulated CPU devices and a persistent compilation cache.
+"""Test set-up: 8 simulated CPU devices and the persistent compilation cache.
 
-Both must be configured before JAX initialises its backend, hence at import time.
+Both must be configured before JAX initialises its backend, hence at import time. The cache
+is the one every entry point uses (``$JAX_COMPILATION_CACHE_DIR``, else
+``~/.cache/diffusion_sde/jax``): outside the checkout, so that a CI job that keeps that
+folder between its runs compiles each program once.
 """
-
-import os
-import pathlib
 
 import jax
 
+from diffusion_sde.compilation_cache import enable_compilation_cache
+
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get(
-        "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).parents[1] / ".jax_cache")
-    ),
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+enable_compilation_cache()

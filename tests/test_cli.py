@@ -25,6 +25,7 @@ import pytest
 
 from configs import digits_vp, toy_2d_vp
 from diffusion_sde import errors, sampling
+from diffusion_sde.compilation_cache import compilation_cache_directory
 from diffusion_sde.sde import get_sde
 from diffusion_sde.training import checkpoint, checks, workdir
 
@@ -46,7 +47,7 @@ TINY = [
 
 
 def run_main(*args, prefix=("-m", "diffusion_sde.main"), timeout=300):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"))
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compilation_cache_directory()))
     env.pop("XLA_FLAGS", None)
     return subprocess.run(
         [sys.executable, *prefix, *args],

@@ -10,7 +10,6 @@ error fails the test; the executed notebook is kept next to the workdir for insp
 
 import ast
 import json
-import os
 import pathlib
 import sys
 import time
@@ -20,6 +19,8 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
+
+from diffusion_sde.compilation_cache import compilation_cache_directory
 
 ROOT = pathlib.Path(__file__).parents[1]
 NOTEBOOKS = ROOT / "experiments"
@@ -84,9 +85,7 @@ def run_notebook(
     )
     kernel_env = {
         "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": os.environ.get(
-            "JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache")
-        ),
+        "JAX_COMPILATION_CACHE_DIR": str(compilation_cache_directory()),
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         **(env or {}),
     }

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import toy_2d_vp
+from diffusion_sde.compilation_cache import compilation_cache_directory
 from diffusion_sde.evaluation import evaluate
 from diffusion_sde.models import get_model
 from diffusion_sde.sde import get_sde
@@ -242,7 +243,11 @@ def _run_main(workdir, n_iters, *, env_extra=None, wait=True):
         "--config.training.snapshot_freq=1000",
         *TINY_OVERRIDES,
     ]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"), **(env_extra or {}))
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(compilation_cache_directory()),
+        **(env_extra or {}),
+    )
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -307,7 +312,7 @@ def test_two_processes_agree_with_one(tmp_path):
         "--config.training.snapshot_freq=1000",
         *TINY_OVERRIDES,
     ]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(ROOT / ".jax_cache"))
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(compilation_cache_directory()))
     workers = [
         subprocess.Popen(
             [
