@@ -317,11 +317,9 @@ def load_trained(config, workdir: str | pathlib.Path, step: int | None = None):
     whatever topology wrote it."""
     model = get_model(config.model)
     optimizer = state_lib.get_optimizer(config.optim)
-    check_state_spec(
-        pathlib.Path(workdir), state_lib.abstract_train_state(config, model, optimizer), write=False
-    )
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract_state = state_lib.abstract_train_state(config, model, optimizer, sharding=device)
+    check_state_spec(pathlib.Path(workdir), abstract_state, write=False)  # shapes and dtypes
     manager = ocp.CheckpointManager(
         pathlib.Path(workdir).absolute() / "checkpoints",
         options=ocp.CheckpointManagerOptions(read_only=True),
