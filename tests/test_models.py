@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from diffusion_sde import models
-from diffusion_sde.models import ncsnv2
+from diffusion_sde.models import layers, ncsnv2
 
 ROOT = pathlib.Path(__file__).parents[1]
 if str(ROOT) not in sys.path:  # config files import `configs.default_cifar10`
@@ -187,6 +187,55 @@ def test_instance_norm_plus_matches_its_formula():
     m, v = mu.mean(-1, keepdims=True), np.sqrt(mu.var(-1, keepdims=True) + 1e-5)
     expected = gamma * (x - mu) / s + beta + gamma * alpha * (mu - m) / v
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_matches_its_formula_in_float64():
+    # Per example and group of C / G consecutive channels: (x - mean) / sqrt(var + eps). A
+    # variance of about 1e-5 makes eps = 1e-6 (the reference's) visible.
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(2, 4, 5, 12)) * 3e-3).astype(np.float32)
+    scale, bias = rng.normal(size=12), rng.normal(size=12)
+    params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+    out = layers.GroupNorm(num_groups=3).apply({"params": params}, jnp.asarray(x))
+    groups = x.astype(np.float64).reshape(2, 4, 5, 3, 4)
+    mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+    var = groups.var(axis=(1, 2, 4), keepdims=True)
+    expected = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 8, 8, 32), 8), ((3, 4, 4, 64), 32), ((2, 16), 4)])
+def test_group_norm_equals_flax_group_norm_in_values_and_gradients(shape, groups):
+    import flax.linen as nn
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=shape) * 2 + 0.5, jnp.float32)
+    ours, flax_norm = (
+        layers.GroupNorm(num_groups=groups),
+        nn.GroupNorm(num_groups=groups, epsilon=1e-6),
+    )
+    variables = flax_norm.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, variables
+    )
+    variables = jax.tree.map(
+        lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), variables
+    )
+    weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    def loss(module):
+        return lambda v, x: jnp.sum(weights * jnp.tanh(module.apply(v, x)))
+
+    value, grads = jax.value_and_grad(loss(ours), argnums=(0, 1))(variables, x)
+    value_flax, grads_flax = jax.value_and_grad(loss(flax_norm), argnums=(0, 1))(variables, x)
+    np.testing.assert_allclose(value, value_flax, rtol=1e-5)
+    for ours_leaf, flax_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_flax)):
+        np.testing.assert_allclose(ours_leaf, flax_leaf, rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_refuses_channels_that_do_not_split_into_groups():
+    with pytest.raises(ValueError, match="multiple of the group count"):
+        layers.GroupNorm(num_groups=4).init(jax.random.key(0), jnp.ones((1, 2, 2, 6)))
 
 
 # ------------------------------------------------------------------------ conditioning
