@@ -30,7 +30,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.label_dropout = 0.0  # > 0: drop class labels for classifier-free guidance
     training.continuous = True
     training.reduce_mean = True
-    training.n_jitted_steps = 5
+    # One optimisation step per jitted call: on CPU, one step per call runs as fast as five
+    # written out one after the other (experiments/benchmarks/train_step.py, batch 128: 72.4
+    # against 72.8 ms per step) and compiles in a third of the time (10.8 against 34.3 s cold,
+    # 0.9 against 18.5 s from the persistent cache). On an accelerator, where the steps run
+    # in a lax.scan that compiles once, 5 saves dispatches.
+    training.n_jitted_steps = 1
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"

@@ -362,9 +362,8 @@ def test_digits_run_trains_and_evaluates_bpd_and_sample_quality(tmp_path, monkey
     monkeypatch.setenv("DIFFUSION_SDE_CACHE", str(tmp_path / "cache"))
     config = digits_vp.get_config()
     config.model.update(nf=8, attn_resolutions=())
-    config.training.update(
-        batch_size=32, n_iters=10, n_jitted_steps=5, snapshot_freq=10, log_freq=5, eval_freq=10
-    )
+    # The config's own steps per call (one), as the default run uses.
+    config.training.update(batch_size=32, n_iters=10, snapshot_freq=10, log_freq=5, eval_freq=10)
     config.training.update(snapshot_freq_for_preemption=10, snapshot_num_samples=16)
     config.sampling.num_steps = 25
     config.eval.update(batch_size=64, num_samples=100, bpd_num_batches=1, rtol=1e-3, atol=1e-3)

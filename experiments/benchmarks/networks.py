@@ -188,7 +188,8 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
 
     abstract = jax.eval_shape(model.init, key_init, x, time_cond)
     num_params = count_parameters(abstract["params"])
-    variables, init_s = _timed_call(jax.jit(model.init), key_init, x, time_cond)
+    # Parameters do not depend on the batch: initialise on one example, as training does.
+    variables, init_s = _timed_call(jax.jit(model.init), key_init, x[:1], time_cond[:1])
 
     forward = jax.jit(lambda variables, x, c: model.apply(variables, x, c))
     forward_compiled, forward_compile_s = _compile(forward, variables, x, time_cond)
