@@ -229,7 +229,9 @@ def test_group_norm_equals_flax_group_norm_in_values_and_gradients(shape, groups
     value, grads = jax.value_and_grad(loss(ours), argnums=(0, 1))(variables, x)
     value_flax, grads_flax = jax.value_and_grad(loss(flax_norm), argnums=(0, 1))(variables, x)
     np.testing.assert_allclose(value, value_flax, rtol=1e-5)
-    for ours_leaf, flax_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_flax)):
+    for ours_leaf, flax_leaf in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(grads_flax), strict=True
+    ):
         np.testing.assert_allclose(ours_leaf, flax_leaf, rtol=1e-4, atol=1e-5)
 
 

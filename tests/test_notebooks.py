@@ -10,6 +10,7 @@ error fails the test; the executed notebook is kept next to the workdir for insp
 
 import ast
 import json
+import os
 import pathlib
 import sys
 import time
@@ -86,6 +87,7 @@ def run_notebook(
     kernel_env = {
         "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": str(compilation_cache_directory()),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),  # conftest's: compile as the suite does
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         **(env or {}),
     }
@@ -164,7 +166,7 @@ def test_colab_tpu_on_four_simulated_devices(tmp_path):
     notebook = run_notebook(
         "colab_tpu.ipynb",
         tmp_path,
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        env={"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4"},
         SMALL=True,
         DATA_SOURCE="mock",
         N_ITERS=2,
