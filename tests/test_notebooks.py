@@ -184,10 +184,11 @@ def test_colab_tpu_on_four_simulated_devices(tmp_path):
     assert figures_shown(notebook) == 2
 
 
-def test_digits_trains_a_tiny_run_when_there_is_none(tmp_path):
+def test_digits_trains_a_tiny_run_when_there_is_none(tmp_path, optimised_xla_flags):
     notebook = run_notebook(
         "digits.ipynb",
         tmp_path,
+        env={"XLA_FLAGS": optimised_xla_flags},
         DIGITS_WORKDIR=str(tmp_path / "no_run_here"),
         TRAIN_ITERS=5,
         # One resolution, no attention, XLA convolutions: quick to compile on CPU.

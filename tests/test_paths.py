@@ -66,7 +66,7 @@ def test_affine_path_formulas_give_the_2021_sdes(sde):
 
 
 @pytest.mark.parametrize("sde", NEW_PATHS, ids=ids)
-def test_marginals_match_simulated_forward_sde(sde):
+def test_marginals_match_simulated_forward_sde(sde, optimised_jit):
     """Euler--Maruyama paths of dx = f x dt + g dw from a fixed x(0) (from sigma at 1% of T
     for EDM, x(0) + N(0, sigma^2) there) reproduce alpha_t x(0) and sigma_t."""
     num_paths, num_steps = 40_000, 2_000
@@ -78,7 +78,7 @@ def test_marginals_match_simulated_forward_sde(sde):
     mean0, std0 = sde.marginal_prob(x0[None], jnp.array([t0]))
     x = mean0 + std0[0] * jax.random.normal(key0, (num_paths, 2))
 
-    @jax.jit
+    @optimised_jit
     def simulate(x):
         def step(x, i):
             t = jnp.full((num_paths,), t0 + i * dt)

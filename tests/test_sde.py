@@ -40,7 +40,7 @@ def test_marginal_prob_matches_closed_form(sde):
 
 
 @pytest.mark.parametrize("sde", ALL_SDES, ids=lambda s: type(s).__name__)
-def test_marginal_prob_matches_simulated_forward_sde(sde):
+def test_marginal_prob_matches_simulated_forward_sde(sde, optimised_jit):
     """Fine Euler--Maruyama paths of dx = f dt + g dw from a fixed x(0).
 
     VE starts from x(0) + sigma_min z, the convention under which sigma(t) is exact.
@@ -54,7 +54,7 @@ def test_marginal_prob_matches_simulated_forward_sde(sde):
         x = x + SIGMA_MIN * jax.random.normal(key0, x.shape)
     record = {500: 0.25, 1000: 0.5, 2000: 1.0}
 
-    @jax.jit
+    @optimised_jit
     def simulate(x):
         def step(x, i):
             t = jnp.full((num_paths,), i * dt)
