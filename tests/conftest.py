@@ -10,10 +10,15 @@ compiled at the default level instead: the fixtures ``optimised_jit`` and
 ``optimised_xla_flags``. The cache is the one every entry point uses
 (``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/diffusion_sde/jax``): outside the checkout,
 so that a CI job that keeps that folder between its runs compiles each program once.
+The trained digits feature classifier is shared by every test (and every pytest-xdist
+worker) that needs one: ``trained_digits_classifier``.
 """
 
+import fcntl
 import functools
 import os
+import pathlib
+import shutil
 
 QUICK_COMPILATION = "--xla_backend_optimization_level=0"
 # Appended, so that flags already given (e.g. a device count) stay in force.
@@ -44,3 +49,47 @@ def optimised_xla_flags():
     sampler runs 18x slower at level 0."""
     # Stripped: XLA reads an XLA_FLAGS that does not start with "--" as a file name.
     return os.environ["XLA_FLAGS"].replace(QUICK_COMPILATION, "").strip()
+
+
+DIGITS_CLASSIFIER_FILE = "digits_classifier_v1.msgpack"
+
+
+@pytest.fixture(scope="session")
+def trained_digits_classifier(tmp_path_factory):
+    """A directory holding the trained digits feature classifier, trained once per test run.
+
+    The directory is shared by the pytest-xdist workers (the parent of their base temporary
+    directories) and trained under a file lock by the first worker that asks. It starts with
+    an unreadable cache file, which the training replaces. Tests read it, never write it:
+    copy the file (``copy_digits_classifier``) into a test's own cache to change anything.
+    """
+    from diffusion_sde.evaluation import feature_nets
+
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:  # base is <this run's temporary folder>/popen-gwN
+        base = base.parent
+    directory = base / "digits_classifier"
+    directory.mkdir(exist_ok=True)
+    with open(directory.parent / "digits_classifier.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (directory / "trained").exists():
+                (directory / DIGITS_CLASSIFIER_FILE).write_bytes(b"not msgpack")
+                feature_nets.load_classifier("digits", cache_directory=directory)
+                (directory / "trained").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return directory
+
+
+@pytest.fixture
+def copy_digits_classifier(trained_digits_classifier):
+    """``copy(directory)``: puts the trained digits classifier into a cache ``directory``."""
+
+    def copy(directory):
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copy(trained_digits_classifier / DIGITS_CLASSIFIER_FILE, directory)
+        return directory
+
+    return copy

@@ -1,7 +1,7 @@
 """FID, KID, the feature extractors (digits classifier, FID Inception) and their file readers.
 
 Fréchet distances are checked against the closed form for Gaussians, KID against a
-direct double loop; the digits classifier is trained once per module into a temporary
+direct double loop; the digits classifier is trained once per test run into a temporary
 cache (no test reads or writes the user's cache). The ``.pth`` reader reads two small files
 written by torch itself (zip and legacy layouts), and the Inception network runs on a
 full-size synthetic weights file that our own pickler writes in torch's zip layout, with
@@ -49,15 +49,10 @@ def private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    """A cache directory holding the trained digits classifier (trained once).
-
-    It starts with an unreadable cache file, which the training replaces.
-    """
-    directory = tmp_path_factory.mktemp("digits_cache")
-    (directory / "digits_classifier_v1.msgpack").write_bytes(b"not msgpack")
-    feature_nets.load_classifier("digits", cache_directory=directory)
-    return directory
+def digits_cache(trained_digits_classifier):
+    """A cache directory holding the trained digits classifier (trained once per test run,
+    shared with the other test modules: read here, never written)."""
+    return trained_digits_classifier
 
 
 @pytest.fixture(scope="module")

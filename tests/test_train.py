@@ -355,11 +355,14 @@ def test_two_processes_agree_with_one(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
 
 
-def test_digits_run_trains_and_evaluates_bpd_and_sample_quality(tmp_path, monkeypatch):
-    """The default run's path (configs/digits_vp.py) end to end at a tiny size."""
+def test_digits_run_trains_and_evaluates_bpd_and_sample_quality(
+    tmp_path, monkeypatch, copy_digits_classifier
+):
+    """The default run's path (configs/digits_vp.py) end to end at a tiny size (with the
+    digits classifier the suite trains once)."""
     from configs import digits_vp
 
-    monkeypatch.setenv("DIFFUSION_SDE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DIFFUSION_SDE_CACHE", str(copy_digits_classifier(tmp_path / "cache")))
     config = digits_vp.get_config()
     config.model.update(nf=8, attn_resolutions=())
     # The config's own steps per call (one), as the default run uses.
