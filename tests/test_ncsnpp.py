@@ -427,20 +427,24 @@ def test_auto_winograd_convolutions_agree_with_xla_in_both_modes(size):
     def loss(impl, x, kernel):
         return jnp.sum(jnp.sin(convolution.conv2d(x, kernel, conv_impl=impl)))
 
-    def conv(impl):
-        return functools.partial(convolution.conv2d, kernel=kernel, conv_impl=impl)
-
     probes = jax.random.normal(jax.random.key(2), (3, *x.shape))
-    grads_xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(x, kernel)
-    y_xla, jvp_xla = jax.linearize(conv("xla"), x)
-    jvps_xla = jax.vmap(jvp_xla)(probes)
-    for impl in ("auto", "winograd", "winograd4"):
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def grads_values_and_jvps(impl, x, kernel, probes):
+        # One program per implementation: eager, its hundreds of small operations would
+        # each be compiled on their own (and too quickly for the persistent cache).
         grads = jax.grad(functools.partial(loss, impl), argnums=(0, 1))(x, kernel)
+        conv = functools.partial(convolution.conv2d, kernel=kernel, conv_impl=impl)
+        y, jvp = jax.linearize(conv, x)
+        return grads, y, jax.vmap(jvp)(probes)
+
+    grads_xla, y_xla, jvps_xla = grads_values_and_jvps("xla", x, kernel, probes)
+    for impl in ("auto", "winograd", "winograd4"):
+        grads, y, jvps = grads_values_and_jvps(impl, x, kernel, probes)
         for g, g_xla in zip(grads, grads_xla, strict=True):
             assert relative_difference(g, g_xla) < 1e-4, impl
-        y, jvp = jax.linearize(conv(impl), x)
         assert relative_difference(y, y_xla) < 1e-4, impl
-        assert relative_difference(jax.vmap(jvp)(probes), jvps_xla) < 1e-4, impl
+        assert relative_difference(jvps, jvps_xla) < 1e-4, impl
 
 
 def test_fused_fir_convolutions_match_unfused_away_from_the_border():
