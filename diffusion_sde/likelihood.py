@@ -100,10 +100,10 @@ def _solve_flow(key, sde, x, rtol, atol, eps, *, score_fn, estimator, num_probes
     probes = ESTIMATORS[estimator](key, (num_vectors, *x.shape), x.dtype)
     vector_field = _probability_flow_with_divergence(sde, score_fn, probes, estimator != "exact")
     state0 = (x, jnp.zeros(x.shape[0], x.dtype))
-    (z, delta_logp), nfe = ode_solvers.integrate_adaptive(
+    (z, delta_logp), nfe, reached = ode_solvers.integrate_adaptive(
         vector_field, state0, eps, sde.T, rtol, atol
     )
-    return sde.prior_logp(z) + delta_logp, z, nfe
+    return sde.prior_logp(z) + delta_logp, z, nfe, reached
 
 
 def log_likelihood(
@@ -151,7 +151,7 @@ def log_likelihood(
       estimator: ``"rademacher"``, ``"gaussian"`` or ``"exact"``.
       num_probes: Hutchinson probes per example.
       rtol, atol: tolerances of the step-size controller (at most 4,096 steps, else a
-        runtime error).
+        ``RuntimeError``; NaN results under ``jit``).
       eps: start time, as for training.
 
     Returns:
@@ -167,7 +167,7 @@ def log_likelihood(
         raise ValueError(f"Unknown estimator {estimator!r}; valid: {sorted(ESTIMATORS)}")
     if num_probes < 1:
         raise ValueError(f"num_probes must be at least 1, got {num_probes}")
-    return _solve_flow(
+    logp, z, nfe, reached = _solve_flow(
         key,
         sde,
         jnp.asarray(x),
@@ -178,6 +178,8 @@ def log_likelihood(
         estimator=estimator,
         num_probes=num_probes,
     )
+    ode_solvers.raise_unless_reached(reached)
+    return logp, z, nfe
 
 
 def bits_per_dim(

@@ -415,11 +415,29 @@ def _initial_step(vector_field, t0, t1, state0, f0, rtol, atol, error_order: int
     return direction * jnp.minimum(jnp.minimum(100 * h0, h1), length)
 
 
+class _PIDControllerWithFirstStep(diffrax.PIDController):
+    """diffrax's PID controller starting with a given (traced) first step, ``first_step``:
+    its length, since ``diffeqsolve`` integrates backward solves in reversed time."""
+
+    first_step: jax.Array | None = None
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        del dt0  # diffeqsolve's, None
+        dt0 = jnp.abs(self.first_step)
+        return super().init(terms, t0, t1, y0, dt0, args, func, error_order)
+
+
 def integrate_adaptive(vector_field, state0, t0, t1, rtol, atol, max_steps: int = 4096):
     """Dopri5 with a PID controller from ``t0`` to ``t1`` (either direction), on device.
 
-    Returns ``(state1, nfe)`` with ``nfe`` the exact number of ``vector_field`` calls:
-    ``2 + 6 * attempted steps``, the same accounting as ``solve_ivp``'s RK45. To make it
+    Returns ``(state1, nfe, reached)`` with ``nfe`` the exact number of ``vector_field``
+    calls: ``2 + 6 * attempted steps``, the same accounting as ``solve_ivp``'s RK45;
+    ``reached`` is false (and ``state1`` NaN) when ``t1`` was not reached in ``max_steps``
+    attempted steps: :func:`raise_unless_reached` turns it into an error outside ``jit``.
+    The solve has no host callback (diffrax's ``throw=False``; the first step given to the
+    controller, not as a traced ``dt0`` whose sign diffrax checks), so that the program it
+    is part of can be kept in the persistent compilation cache: JAX does not keep programs
+    that call back to the host. To make it
     exact we evaluate the first stage ourselves and hand it to the solver as its
     first-same-as-last value, and pick the first step ourselves. Left alone, diffrax
     re-evaluates the first stage on every attempt until a step is accepted (which its
@@ -435,17 +453,31 @@ def integrate_adaptive(vector_field, state0, t0, t1, rtol, atol, max_steps: int 
         solver,
         t0=t0,
         t1=t1,
-        dt0=dt0,
+        dt0=None,  # a traced dt0 would put a host callback (its sign check) in the program
         y0=state0,
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        stepsize_controller=_PIDControllerWithFirstStep(rtol=rtol, atol=atol, first_step=dt0),
         solver_state=(jnp.zeros_like(first_step), f0),
         saveat=diffrax.SaveAt(t1=True),
         max_steps=max_steps,
+        throw=False,
     )
-    state1 = jax.tree.map(lambda y: y[0], solution.ys)
+    reached = solution.result == diffrax.RESULTS.successful
+    state1 = jax.tree.map(lambda y: jnp.where(reached, y[0], jnp.nan), solution.ys)
     # f0, the initial step's probe, and len(c) new stages per attempted step.
     nfe = 2 + len(solver.tableau.c) * solution.stats["num_steps"]
-    return state1, nfe
+    return state1, nfe, reached
+
+
+def raise_unless_reached(reached, max_steps: int = 4096) -> None:
+    """Raise a ``RuntimeError`` that says what to do when an adaptive solve stopped at
+    ``max_steps`` (``reached`` false); nothing under ``jit``, where ``reached`` is traced
+    and the failed solve's NaN results tell instead."""
+    if isinstance(reached, jax.core.Tracer) or bool(reached):
+        return
+    raise RuntimeError(
+        f"The adaptive ODE solver stopped after {max_steps} steps without reaching the end "
+        "time: loosen rtol/atol, or check the score network for non-finite outputs."
+    )
 
 
 def solve_adaptive(
@@ -459,7 +491,8 @@ def solve_adaptive(
     max_steps: int = 4096,
 ) -> tuple[jax.Array, jax.Array]:
     """Integrate the probability-flow ODE from ``x`` at ``T`` to ``eps`` with
-    :func:`integrate_adaptive` (Dopri5, PID controller, on device). Returns ``(x, nfe)``
-    with ``nfe`` the exact number of score evaluations."""
+    :func:`integrate_adaptive` (Dopri5, PID controller, on device). Returns
+    ``(x, nfe, reached)`` with ``nfe`` the exact number of score evaluations and ``reached``
+    as :func:`integrate_adaptive`'s."""
     drift = lambda t, y, args: probability_flow_drift(sde, score_fn, y, t)
     return integrate_adaptive(drift, x, sde.T, eps, rtol, atol, max_steps)

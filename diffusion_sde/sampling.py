@@ -472,7 +472,8 @@ def ode_sample(
         ``dpm_solver_2``, ``dpm_solver_3``; see :mod:`diffusion_sde.ode_solvers`.
       num_steps: steps of a fixed-step method; ``None`` means ``sde.N``. Ignored by
         ``adaptive``.
-      rtol, atol: tolerances of ``adaptive``.
+      rtol, atol: tolerances of ``adaptive`` (at most 4,096 steps, else a ``RuntimeError``;
+        NaN samples under ``jit``).
       eps: the final time.
       denoise: finish with Tweedie's denoiser at :math:`\epsilon`,
         :math:`\hat x_0 = (x + \sigma_\epsilon^2 s(x, \epsilon))/\alpha_\epsilon`
@@ -486,10 +487,11 @@ def ode_sample(
     """
     num_steps = sde.N if num_steps is None else num_steps
     ode_solvers.check_method(method, time_grid)
-    samples, adaptive_nfe = _ode_loop(
+    samples, adaptive_nfe, reached = _ode_loop(
         key, sde, score_fn, tuple(shape), method, num_steps, rtol, atol, eps, denoise, time_grid
     )
     if method == "adaptive":
+        ode_solvers.raise_unless_reached(reached)
         return samples, adaptive_nfe + int(denoise)
     return samples, ode_solvers.fixed_step_nfe(method, num_steps) + int(denoise)
 
@@ -499,16 +501,16 @@ def ode_sample(
 )
 def _ode_loop(key, sde, score_fn, shape, method, num_steps, rtol, atol, eps, denoise, time_grid):
     x = sde.prior_sampling(key, shape)
-    adaptive_nfe = None
+    adaptive_nfe = reached = None
     if method == "adaptive":
-        x, adaptive_nfe = ode_solvers.solve_adaptive(
+        x, adaptive_nfe, reached = ode_solvers.solve_adaptive(
             sde, score_fn, x, eps=eps, rtol=rtol, atol=atol
         )
     else:
         x = ode_solvers.solve_fixed_step(method, sde, score_fn, x, num_steps, eps, time_grid)
     if denoise:
         x = ode_solvers.tweedie_denoise(sde, score_fn, x, eps)
-    return x, adaptive_nfe
+    return x, adaptive_nfe, reached
 
 
 # --- Few-step reverse-SDE solvers ---------------------------------------------------------

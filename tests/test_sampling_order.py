@@ -5,6 +5,9 @@ standardised coordinate fixed, so it maps :math:`x_T` to
 
 .. math::  x_t = \alpha_t\mu + \frac{\sqrt{\alpha_t^2 s^2 + \sigma_t^2}}
    {\sqrt{\alpha_T^2 s^2 + \sigma_T^2}}\,(x_T - \alpha_T\mu).
+
+The adaptive solver also says when it runs out of steps, and compiles without host
+callbacks (so that the persistent compilation cache keeps its programs).
 """
 
 import jax
@@ -12,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_sde import likelihood, ode_solvers
 from diffusion_sde.sampling import ode_sample
 from diffusion_sde.sde import VESDE, VPSDE, subVPSDE
 
@@ -75,3 +79,34 @@ def test_adaptive_solver_meets_its_tolerance(sde_name):
     exact = exact_flow(sde, sde.prior_sampling(key, SHAPE), EPS)
     np.testing.assert_allclose(x, exact, atol=2e-4)
     assert 20 < int(nfe) < 500
+
+
+def test_adaptive_solver_that_runs_out_of_steps_says_so():
+    sde = SDES["vp"]
+    drift = lambda t, y, args: -0.5 * sde.beta(t) * y
+    x_T = jnp.ones(SHAPE)
+    x, nfe, reached = ode_solvers.integrate_adaptive(drift, x_T, sde.T, EPS, 1e-5, 1e-5, 3)
+    assert not bool(reached) and bool(jnp.all(jnp.isnan(x))) and int(nfe) == 2 + 6 * 3
+    with pytest.raises(RuntimeError, match="after 3 steps.*loosen rtol/atol"):
+        ode_solvers.raise_unless_reached(reached, 3)
+    # A score network with non-finite outputs: every step is rejected until the limit.
+    nan_score = lambda x, t: jnp.full_like(x, jnp.nan)
+    with pytest.raises(RuntimeError, match="after 4096 steps.*non-finite outputs"):
+        ode_sample(jax.random.key(0), sde, nan_score, SHAPE, eps=EPS)
+    with pytest.raises(RuntimeError, match="after 4096 steps"):
+        likelihood.log_likelihood(jax.random.key(0), sde, nan_score, x_T)
+    x, _ = jax.jit(lambda key: ode_sample(key, sde, nan_score, SHAPE, eps=EPS))(jax.random.key(0))
+    assert bool(jnp.all(jnp.isnan(x)))  # under jit: NaN, no error
+
+
+def test_adaptive_programs_have_no_host_callback():
+    # JAX does not keep a program that calls back to the host in the persistent
+    # compilation cache: each process would compile the adaptive solvers again.
+    sde, x = SDES["vp"], jnp.ones(SHAPE)
+    score_fn = gaussian_score(sde)
+    programs = {
+        "ode_sample": lambda key: ode_sample(key, sde, score_fn, SHAPE, eps=EPS)[0],
+        "log_likelihood": lambda key: likelihood.log_likelihood(key, sde, score_fn, x)[0],
+    }
+    for name, program in programs.items():
+        assert "callback" not in str(jax.make_jaxpr(program)(jax.random.key(0))), name
