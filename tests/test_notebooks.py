@@ -129,10 +129,11 @@ def test_notebook_is_stored_clean_with_a_parameters_cell(path):
             assert cell.outputs == [] and cell.execution_count is None, "strip the outputs"
 
 
-def test_quickstart(tmp_path):
+def test_quickstart(tmp_path, optimised_xla_flags):
     notebook = run_notebook(
         "quickstart.ipynb",
         tmp_path,
+        env={"XLA_FLAGS": optimised_xla_flags},
         N_ITERS=100,
         BATCH_SIZE=128,
         NUM_SAMPLES=256,
