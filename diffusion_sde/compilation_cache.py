@@ -6,6 +6,15 @@ one folder outside the checkout: ``$JAX_COMPILATION_CACHE_DIR`` when set, else
 ``~/.cache/diffusion_sde/jax``. A later process that compiles the same program (same
 computation, shapes, jaxlib and flags) reads it back instead of compiling it; a CI job
 keeps its runs' compilations by keeping that folder.
+
+Two things keep a program out of the cache (measured with jax 0.10):
+
+- A host callback (``jax.debug.print``, ``pure_callback``, equinox's runtime errors): JAX
+  does not write such programs. Our adaptive ODE solves are written without one for this
+  reason (``ode_solvers.integrate_adaptive``).
+- Another path: JAX hashes the cache folder's own path into every key (it passes
+  ``<folder>/xla_gpu_per_fusion_autotune_cache_dir`` to XLA, part of the compile options).
+  A cache copied or restored to another path misses every entry; keep it at one path.
 """
 
 from __future__ import annotations
