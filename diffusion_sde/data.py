@@ -70,7 +70,6 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-import sklearn.datasets
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -193,6 +192,10 @@ def load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     """
     if split not in ("train", "test"):
         raise ValueError(f"digits has the splits 'train' and 'test', not {split!r}.")
+    # Imported here: scikit-learn takes about a second to import, which every process that
+    # trains on a toy or a TFDS dataset would otherwise pay.
+    import sklearn.datasets
+
     digits = sklearn.datasets.load_digits()
     order = np.argsort(np.random.PCG64(DIGITS_SPLIT_SEED).random_raw(len(digits.images)))
     indices = order[:DIGITS_NUM_TRAIN] if split == "train" else order[DIGITS_NUM_TRAIN:]
