@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import toy_2d_vp
-from diffusion_sde.compilation_cache import compilation_cache_directory
+from diffusion_sde.compilation_cache import compilation_cache_directory, compiler_options
 from diffusion_sde.evaluation import evaluate
 from diffusion_sde.models import get_model
 from diffusion_sde.sde import get_sde
@@ -125,6 +125,49 @@ def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
         (scanned_state.params, scanned_state.ema_params),
     )
     assert not np.allclose(metrics["loss"][0], metrics["loss"][2])  # three different steps
+
+
+def test_training_step_compiles_at_llvm_level_1_on_cpu_and_computes_the_same(monkeypatch):
+    """On CPU the training step and the state's creation compile at LLVM optimisation level
+    1 (``compiler_options``), unless ``XLA_FLAGS`` sets a level, as this suite's does (level
+    0); a step compiled at level 1 computes what the suite's compiles."""
+    level_1 = {"xla_backend_optimization_level": 1}
+    assert compiler_options("cpu") is None  # the suite's XLA_FLAGS set level 0
+    assert compiler_options("gpu") is None and compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert compiler_options("cpu") == level_1 and compiler_options("gpu") is None
+    config = tiny_config()
+    config.optim.warmup = 0
+    sde, model = get_sde(config), get_model(config.model)
+    optimizer = state_lib.get_optimizer(config.optim)
+    state = state_lib.create_train_state(
+        jax.random.PRNGKey(0), model=model, optimizer=optimizer, data_shape=(2,), conditional=False
+    )
+    batches = {
+        "x": jax.random.normal(jax.random.PRNGKey(1), (1, 64, 2)),
+        "label": jnp.zeros((1, 64), jnp.int32),
+    }
+    step_fn = step_lib.get_step_fn(
+        step_lib.get_loss_fn(sde, model, reduce_mean=config.training.reduce_mean),
+        optimizer,
+        config.model.ema_rate,
+    )
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    # The step hands the options to XLA, which refuses a name it does not know.
+    with monkeypatch.context() as patch:
+        patch.setattr(step_lib, "compiler_options", lambda platform: {"xla_no_such_option": 1})
+        wrong = step_lib.get_train_steps(config, sde, model, optimizer, mesh)
+        with pytest.raises(Exception, match="No such compile option"):
+            wrong(jax.tree.map(jnp.copy, state), batches)
+    train_steps = step_lib.get_train_steps(config, sde, model, optimizer, mesh)
+    new_state, metrics = train_steps(jax.tree.map(jnp.copy, state), batches)
+    expected_state, expected = jax.jit(step_fn)(state, jax.tree.map(lambda b: b[0], batches))
+    np.testing.assert_allclose(metrics["loss"][0], expected["loss"], rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        new_state.params,
+        expected_state.params,
+    )
 
 
 def test_train_and_evaluate_writes_its_workdir(tmp_path):

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_sde import data as data_lib
 from diffusion_sde import errors, plotting, sampling
+from diffusion_sde.compilation_cache import compiler_options
 from diffusion_sde.models import continuous_labels, get_model, get_score_fn
 from diffusion_sde.sde import SDE, get_sde
 from diffusion_sde.training import checkpoint as checkpoint_lib
@@ -153,7 +154,10 @@ def restore(run: Run) -> tuple[state_lib.TrainState, int | None]:
     if state is None:
         init = state_lib.state_initializer(run.config, run.model, run.optimizer)
         replicated = NamedSharding(run.mesh, P())
-        state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(run.config.seed))
+        options = compiler_options(run.mesh.devices.flat[0].platform)
+        state = jax.jit(init, out_shardings=replicated, compiler_options=options)(
+            jax.random.PRNGKey(run.config.seed)
+        )
     if run.is_main:
         logging.info("Starting at step %d (restored: %s).", int(state.step), restored_step)
         # Lines a kill cut, and those of steps after the checkpoint, which are run again.

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffusion_sde.compilation_cache import compiler_options
 from diffusion_sde.losses import (
     DEFAULT_LOSS_OPTIONS,
     TIME_DISTRIBUTIONS,
@@ -222,13 +223,15 @@ def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
     # (experiments/benchmarks/train_step.py measures it). On CPU the n steps are therefore
     # written out one after the other, at the price of compiling n copies; accelerators
     # keep the loop, which compiles one.
-    unrolled = mesh.devices.flat[0].platform == "cpu"
+    platform = mesh.devices.flat[0].platform
+    unrolled = platform == "cpu"
 
     @functools.partial(
         jax.jit,
         in_shardings=(replicated, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=compiler_options(platform),  # LLVM level 1 on CPU
     )
     def train_steps(state, batches):
         if not unrolled:

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from diffusion_sde.compilation_cache import compiler_options
 from diffusion_sde.models import count_parameters, get_model
 from diffusion_sde.models.convolution import CONV_IMPLS
 
@@ -189,7 +190,11 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
     abstract = jax.eval_shape(model.init, key_init, x, time_cond)
     num_params = count_parameters(abstract["params"])
     # Parameters do not depend on the batch: initialise on one example, as training does.
-    variables, init_s = _timed_call(jax.jit(model.init), key_init, x[:1], time_cond[:1])
+    # Initialisation and the training step compile as training compiles them (LLVM level 1
+    # on CPU, unless XLA_FLAGS sets a level); the forward pass as sampling does (the default).
+    options = compiler_options(jax.default_backend())
+    init = jax.jit(model.init, compiler_options=options)
+    variables, init_s = _timed_call(init, key_init, x[:1], time_cond[:1])
 
     forward = jax.jit(lambda variables, x, c: model.apply(variables, x, c))
     forward_compiled, forward_compile_s = _compile(forward, variables, x, time_cond)
@@ -201,7 +206,9 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
     optimizer = optax.adam(2e-4)
     params = variables["params"]
     opt_state = optimizer.init(params)
-    step = jax.jit(make_train_step(model, optimizer), donate_argnums=(0, 1))
+    step = jax.jit(
+        make_train_step(model, optimizer), donate_argnums=(0, 1), compiler_options=options
+    )
     step_compiled, step_compile_s = _compile(step, params, opt_state, key_step, x)
     (params, opt_state, _), step_first_s = _timed_call(
         step_compiled, params, opt_state, key_step, x
