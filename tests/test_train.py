@@ -93,9 +93,9 @@ def test_one_step_on_eight_devices_equals_one_device():
     assert max(jax.tree.leaves(moved)) > 1e-4
 
 
-def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
-    """``get_train_steps`` (steps written out on CPU, sharded over 8 devices) computes what a
-    plain ``lax.scan`` of the step computes on one device: same losses, same parameters."""
+def _tiny_steps_setup(num_steps: int):
+    """``(config, sde, model, optimizer, state, batches, step_fn)`` of ``tiny_config`` (no
+    warm-up) with ``num_steps`` batches of 64 stacked."""
     config = tiny_config()
     config.optim.warmup = 0
     sde, model = get_sde(config), get_model(config.model)
@@ -104,14 +104,21 @@ def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
         jax.random.PRNGKey(0), model=model, optimizer=optimizer, data_shape=(2,), conditional=False
     )
     batches = {
-        "x": jax.random.normal(jax.random.PRNGKey(1), (3, 64, 2)),
-        "label": jnp.zeros((3, 64), jnp.int32),
+        "x": jax.random.normal(jax.random.PRNGKey(1), (num_steps, 64, 2)),
+        "label": jnp.zeros((num_steps, 64), jnp.int32),
     }
     step_fn = step_lib.get_step_fn(
         step_lib.get_loss_fn(sde, model, reduce_mean=config.training.reduce_mean),
         optimizer,
         config.model.ema_rate,
     )
+    return config, sde, model, optimizer, state, batches, step_fn
+
+
+def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
+    """``get_train_steps`` (steps written out on CPU, sharded over 8 devices) computes what a
+    plain ``lax.scan`` of the step computes on one device: same losses, same parameters."""
+    config, sde, model, optimizer, state, batches, step_fn = _tiny_steps_setup(3)
     scanned_state, scanned = jax.jit(lambda s, b: jax.lax.scan(step_fn, s, b))(state, batches)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     train_steps = step_lib.get_train_steps(config, sde, model, optimizer, mesh)
@@ -136,22 +143,7 @@ def test_training_step_compiles_at_llvm_level_1_on_cpu_and_computes_the_same(mon
     assert compiler_options("gpu") is None and compiler_options("tpu") is None
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert compiler_options("cpu") == level_1 and compiler_options("gpu") is None
-    config = tiny_config()
-    config.optim.warmup = 0
-    sde, model = get_sde(config), get_model(config.model)
-    optimizer = state_lib.get_optimizer(config.optim)
-    state = state_lib.create_train_state(
-        jax.random.PRNGKey(0), model=model, optimizer=optimizer, data_shape=(2,), conditional=False
-    )
-    batches = {
-        "x": jax.random.normal(jax.random.PRNGKey(1), (1, 64, 2)),
-        "label": jnp.zeros((1, 64), jnp.int32),
-    }
-    step_fn = step_lib.get_step_fn(
-        step_lib.get_loss_fn(sde, model, reduce_mean=config.training.reduce_mean),
-        optimizer,
-        config.model.ema_rate,
-    )
+    config, sde, model, optimizer, state, batches, step_fn = _tiny_steps_setup(1)
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     # The step hands the options to XLA, which refuses a name it does not know.
     with monkeypatch.context() as patch:
