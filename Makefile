@@ -4,6 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= runs/digits_vp
+# glibc maps XLA:CPU's per-run buffers as huge pages: a CPU training step 25-30% faster
+# (diffusion_sde/host_memory.py). A GLIBC_TUNABLES of your own is kept as it is.
+GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+export GLIBC_TUNABLES
 
 .PHONY: install test test-slow run lint format bench clean
 

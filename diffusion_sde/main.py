@@ -128,4 +128,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from diffusion_sde.host_memory import restart_with_huge_pages
+
+    restart_with_huge_pages()  # glibc reads it at start-up: 25-30% off a CPU training step
     app.run(main, flags_parser=_parse_flags)

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "diffusion_sde"
 
 # Bottom to top. A package (models, training, evaluation) is one unit.
 LAYERS = (
-    ("errors", "plotting", "compilation_cache"),  # import nothing of ours
+    ("errors", "plotting", "compilation_cache", "host_memory"),  # import nothing of ours
     ("sde", "data"),  # the forward processes; the datasets
     ("parametrization", "toy_scores"),  # what a network predicts; exact mixture scores
     ("ode_solvers",),

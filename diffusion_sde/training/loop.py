@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_sde import data as data_lib
-from diffusion_sde import errors, plotting, sampling
+from diffusion_sde import errors, host_memory, plotting, sampling
 from diffusion_sde.compilation_cache import compiler_options
 from diffusion_sde.models import continuous_labels, get_model, get_score_fn
 from diffusion_sde.sde import SDE, get_sde
@@ -190,9 +190,11 @@ def train_batches(run: Run, *, start_step: int) -> Iterator[dict]:
 def _loop(run, state, batches, train_steps, actions, interrupted) -> state_lib.TrainState:
     training = run.config.training
     n_jitted = int(training.n_jitted_steps)
-    step = int(state.step)
+    step = start = int(state.step)
     while step < training.n_iters:
         state, metrics = train_steps(state, next(batches))
+        if step == start:  # compiled: hand the compiler's freed memory back to the system
+            host_memory.release_freed_memory()
         actions.record(step, metrics)
         step += n_jitted
         last = step >= training.n_iters

@@ -21,6 +21,10 @@ encoder and decoder, ``[1, 1]`` resampling filter, attention at 16x16, dropout 0
 - ``small``: 32 channels, multipliers (1, 2, 2), 2 blocks a level, 1,754,147 parameters,
   batch 16.
 
+Both sides run with glibc's ``glibc.malloc.hugetlb=1`` (``GLIBC_TUNABLES``), which our
+entry points set for themselves (``diffusion_sde.host_memory``); ``--no-huge-pages`` runs
+both without it.
+
 Threads: PyTorch runs with ``--threads`` (``torch.set_num_threads``); XLA's CPU client uses
 every core the process may run on. On a machine with more cores than ``--threads``, pin
 both sides to the same cores, e.g. ``taskset -c 0,1 python ...`` (subprocesses inherit it).
@@ -53,6 +57,7 @@ import ml_collections
 
 # The repository root on sys.path, for ``experiments.benchmarks.*``.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from diffusion_sde.host_memory import with_huge_pages  # noqa: E402
 from experiments.benchmarks import networks  # noqa: E402
 
 PRESETS = {"full": ("edm_ddpmpp", 8), "small": ("edm_ddpmpp_small", 16)}
@@ -102,9 +107,9 @@ def run_ours(args: argparse.Namespace) -> dict:
     return result
 
 
-def run_process(command: list[str]) -> dict:
-    """The ``RESULT {json}`` line that ``command`` prints."""
-    process = subprocess.run(command, capture_output=True, text=True, check=False)
+def run_process(command: list[str], environment: dict[str, str]) -> dict:
+    """The ``RESULT {json}`` line that ``command`` prints, run in ``environment``."""
+    process = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     if process.returncode != 0 or not lines:
         raise RuntimeError(
@@ -165,6 +170,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="default: the preset's")
     parser.add_argument("--side", choices=("ours",), help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="profile our training step")
+    parser.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="run both sides without glibc.malloc.hugetlb=1 (by default both run with it)",
+    )
     args = parser.parse_args()
     args.batch = args.batch or PRESETS[args.preset][1]
     if args.side or args.profile:
@@ -185,10 +195,12 @@ def main() -> None:
         flush=True,
     )
     commands = _commands(args)
+    environment = dict(os.environ) if args.no_huge_pages else with_huge_pages(os.environ)
+    print(f"both sides with GLIBC_TUNABLES={environment.get('GLIBC_TUNABLES', '')!r}")
     runs: dict[str, list[dict]] = {side: [] for side in commands}
     for pair in range(args.pairs):
         for side, command in commands.items():
-            result = run_process(command)
+            result = run_process(command, environment)
             runs[side].append(result)
             print(
                 f"  pair {pair + 1}, {side} ({result['version']}): step {result['step_s']:.3f} s, "

@@ -44,6 +44,7 @@ import ml_collections
 import optax
 
 from diffusion_sde.compilation_cache import compiler_options
+from diffusion_sde.host_memory import release_freed_memory, restart_with_huge_pages
 from diffusion_sde.models import count_parameters, get_model
 from diffusion_sde.models.convolution import CONV_IMPLS
 
@@ -195,9 +196,12 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
     options = compiler_options(jax.default_backend())
     init = jax.jit(model.init, compiler_options=options)
     variables, init_s = _timed_call(init, key_init, x[:1], time_cond[:1])
+    # After each compilation, as training does: the compiler's freed memory back to the system.
+    release_freed_memory()
 
     forward = jax.jit(lambda variables, x, c: model.apply(variables, x, c))
     forward_compiled, forward_compile_s = _compile(forward, variables, x, time_cond)
+    release_freed_memory()
     _, forward_first_s = _timed_call(forward_compiled, variables, x, time_cond)
     forward_s, forward_cpu_s = median_time(
         lambda: forward_compiled(variables, x, time_cond), args.repeats
@@ -210,6 +214,7 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
         make_train_step(model, optimizer), donate_argnums=(0, 1), compiler_options=options
     )
     step_compiled, step_compile_s = _compile(step, params, opt_state, key_step, x)
+    release_freed_memory()
     (params, opt_state, _), step_first_s = _timed_call(
         step_compiled, params, opt_state, key_step, x
     )
@@ -300,4 +305,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # glibc's huge pages for XLA's buffers: host_memory's docstring
     main()

@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from diffusion_sde import data as data_lib
+from diffusion_sde.host_memory import restart_with_huge_pages
 from diffusion_sde.models import count_parameters, get_model
 from diffusion_sde.sde import get_sde
 from diffusion_sde.training import state as state_lib
@@ -188,4 +189,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # glibc's huge pages for XLA's buffers: host_memory's docstring
     app.run(main)
