@@ -77,13 +77,28 @@ def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
     return environment
 
 
+def started_as_command() -> bool:
+    """Whether the running ``__main__`` is what this interpreter's command line started,
+    ``python -m module ...`` or ``python script.py ...``, rather than code run inside another
+    program (a notebook's kernel, ``runpy``, ``python -c``)."""
+    main = sys.modules.get("__main__")
+    spec, path = getattr(main, "__spec__", None), getattr(main, "__file__", None)
+    argv = sys.orig_argv[1:]
+    if spec is not None and spec.name:
+        names = {spec.name, spec.name.removesuffix(".__main__")}
+        return any(a == "-m" and b in names for a, b in zip(argv, argv[1:], strict=False))
+    script = os.path.abspath(path) if path else None
+    return script is not None and any(os.path.abspath(a) == script for a in argv)
+
+
 def restart_with_huge_pages() -> None:
     """Restart this process's command (``sys.orig_argv``, same PID) with
-    :func:`with_huge_pages` of its environment, when huge pages are available and the
-    environment does not say already; otherwise return. Call it first thing in a script's
-    ``__main__``: whatever ran before is run again."""
+    :func:`with_huge_pages` of its environment; return at once instead where huge pages are
+    not available, the environment says already, or the process was not started as this
+    command (:func:`started_as_command`: a notebook's kernel is never restarted). Call it
+    first thing in a script's ``__main__``: whatever ran before it runs again."""
     environment = with_huge_pages(os.environ)
-    if environment == dict(os.environ) or not huge_pages_available():
+    if environment == dict(os.environ) or not huge_pages_available() or not started_as_command():
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -3,6 +3,7 @@ hands freed memory back (``diffusion_sde.host_memory``)."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -59,9 +60,9 @@ _FAULTS_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_faults_script(environ: dict[str, str]) -> dict:
+def _run_faults_script(script: pathlib.Path, environ: dict[str, str]) -> dict:
     process = subprocess.run(
-        [sys.executable, "-c", _FAULTS_SCRIPT],
+        [sys.executable, str(script)],
         env=environ,
         capture_output=True,
         text=True,
@@ -72,10 +73,12 @@ def _run_faults_script(environ: dict[str, str]) -> dict:
 
 
 @needs_huge_pages
-def test_restart_with_huge_pages_cuts_the_page_faults_of_each_run():
+def test_restart_with_huge_pages_cuts_the_page_faults_of_each_run(tmp_path):
+    script = tmp_path / "faults.py"
+    script.write_text(_FAULTS_SCRIPT)
     environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    restarted = _run_faults_script(environ)
-    opted_out = _run_faults_script({**environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    restarted = _run_faults_script(script, environ)
+    opted_out = _run_faults_script(script, {**environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert restarted["tunables"] == "glibc.malloc.hugetlb=1"
     assert opted_out["tunables"] == "glibc.malloc.hugetlb=0"  # left as the user set it
     assert restarted["temp"] >= 2**27
@@ -116,3 +119,34 @@ def test_release_freed_memory_hands_back_what_glibc_keeps():
     released, returned = process.stdout.split()
     assert released == "True"
     assert int(returned) >= 150 * 2**20
+
+
+_STARTED_AS = textwrap.dedent(
+    """
+    import os
+    from diffusion_sde import host_memory
+    print(host_memory.started_as_command())
+    host_memory.restart_with_huge_pages()
+    print(os.environ.get("GLIBC_TUNABLES"))
+    """
+)
+
+
+@needs_huge_pages
+def test_restart_only_restarts_the_command_itself(tmp_path):
+    script = tmp_path / "started_as.py"
+    script.write_text(_STARTED_AS)
+    outer = tmp_path / "outer.py"  # runs the script inside itself, as a notebook's kernel would
+    outer.write_text(f"import runpy\nrunpy.run_path({str(script)!r}, run_name='__main__')\n")
+    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+    def run(*argv):
+        return subprocess.run(
+            [sys.executable, *argv], env=environ, capture_output=True, text=True, check=True
+        ).stdout.split()
+
+    # The script itself, restarted once: the first run printed True before its restart.
+    assert run(str(script)) == ["True", "True", "glibc.malloc.hugetlb=1"]
+    # Inside another program (``runpy`` here, a notebook's kernel alike): never restarted.
+    assert run(str(outer)) == ["False", "None"]
+    assert run("-c", _STARTED_AS) == ["False", "None"]
