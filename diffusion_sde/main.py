@@ -95,13 +95,16 @@ def main(argv):
     from diffusion_sde.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache()
+    from diffusion_sde.training import checkpoint, checks, loop
+
     if FLAGS.multihost:
         jax.distributed.initialize()
+    elif FLAGS.mode == "train":  # before anything touches the devices
+        loop.use_cpu_devices(int(FLAGS.config.training.batch_size))
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     from diffusion_sde import errors, pretrained
     from diffusion_sde.evaluation import evaluate
-    from diffusion_sde.training import checkpoint, checks, loop
 
     def import_published(config, workdir):
         if not FLAGS.checkpoint or not FLAGS.format:

@@ -420,3 +420,40 @@ def test_digits_run_trains_and_evaluates_bpd_and_sample_quality(
     assert (eval_dir / "sample_quality_step_00000010.json").exists()
     assert len(list((eval_dir / "samples_step_00000010").glob("shard_*.npz"))) == 2
     assert (eval_dir / "reference_digits_digits.npz").exists()
+
+
+_CPU_DEVICES_SCRIPT = """
+import json, sys, jax
+from diffusion_sde.training import loop
+results = [loop.use_cpu_devices(7)]  # an odd batch: left as it is
+results.append(loop.use_cpu_devices(128))  # two devices
+results.append(loop.use_cpu_devices(128))  # chosen already
+results.append(len(jax.devices()))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_use_cpu_devices_splits_the_cpu_in_two_unless_a_count_was_chosen():
+    def run(xla_flags):
+        environ = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+        environ["XLA_FLAGS"] = xla_flags
+        process = subprocess.run(
+            [sys.executable, "-c", _CPU_DEVICES_SCRIPT],
+            env=environ,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        return json.loads(process.stdout.splitlines()[-1])
+
+    assert run("--xla_backend_optimization_level=0") == [0, 2, 0, 2]
+    assert run("--xla_force_host_platform_device_count=3") == [0, 0, 0, 3]
+
+
+def test_training_devices_keep_a_large_network_on_one_cpu_device():
+    small = {"w": jax.ShapeDtypeStruct((1000, 1000), jnp.float32)}
+    large = {"w": jax.ShapeDtypeStruct((loop.CPU_DATA_PARALLEL_MAX_PARAMETERS + 1,), jnp.float32)}
+    assert loop.training_devices(small) == jax.devices()  # the suite's 8 CPU devices
+    assert loop.training_devices(large) == jax.devices()[:1]

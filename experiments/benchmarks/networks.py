@@ -41,12 +41,16 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffusion_sde.compilation_cache import compiler_options
 from diffusion_sde.host_memory import release_freed_memory, restart_with_huge_pages
 from diffusion_sde.models import count_parameters, get_model
 from diffusion_sde.models.convolution import CONV_IMPLS
+from diffusion_sde.training import loop
 
 # The repository root on sys.path: config files import their defaults as ``configs.*``, and
 # this script its siblings as ``experiments.benchmarks.*``.
@@ -207,9 +211,13 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
         lambda: forward_compiled(variables, x, time_cond), args.repeats
     )
 
+    # The training step on the devices training uses (``loop.training_devices``: on a CPU
+    # split in two by ``loop.use_cpu_devices``, a small network trains data-parallel).
+    mesh = Mesh(np.asarray(loop.training_devices(abstract["params"])), ("data",))
     optimizer = optax.adam(2e-4)
-    params = variables["params"]
+    params = jax.device_put(variables["params"], NamedSharding(mesh, P()))
     opt_state = optimizer.init(params)
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
     step = jax.jit(
         make_train_step(model, optimizer), donate_argnums=(0, 1), compiler_options=options
     )
@@ -230,6 +238,7 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
     device_stats = jax.devices()[0].memory_stats() or {}
     return dict(
         num_params=num_params,
+        step_devices=mesh.size,
         init_s=init_s,
         forward_s=forward_s,
         forward_cpu_s=forward_cpu_s,
@@ -266,6 +275,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model_config = build_model_config(args)
+    loop.use_cpu_devices(args.batch)  # as training does, before anything touches the devices
     conv_impls = args.conv_impl.split(",") if args.conv_impl else [model_config.conv_impl]
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
@@ -291,7 +301,8 @@ def main() -> None:
         )
         print(
             f"  training step   {result['step_s']:.3f} s  "
-            f"(CPU {result['step_cpu_s']:.2f} s; compile {result['step_compile_s']:.1f} s)"
+            f"(CPU {result['step_cpu_s']:.2f} s; compile {result['step_compile_s']:.1f} s; "
+            f"{result['step_devices']} device(s))"
         )
         print(
             f"  images/s        {args.batch / result['step_s']:.1f} training, "

@@ -45,6 +45,7 @@ from diffusion_sde import data as data_lib
 from diffusion_sde.host_memory import restart_with_huge_pages
 from diffusion_sde.models import count_parameters, get_model
 from diffusion_sde.sde import get_sde
+from diffusion_sde.training import loop
 from diffusion_sde.training import state as state_lib
 from diffusion_sde.training import step as step_lib
 
@@ -83,12 +84,13 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     config = FLAGS.config
     training = config.training
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(None, "data"))
-
+    loop.use_cpu_devices(int(training.batch_size))  # the devices training would use
     sde, model = get_sde(config), get_model(config.model)
     optimizer = state_lib.get_optimizer(config.optim)
+    abstract = state_lib.abstract_train_state(config, model, optimizer)
+    mesh = Mesh(np.asarray(loop.training_devices(abstract.params)), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(None, "data"))
     data_shape = data_lib.data_shape(config.data)
     conditional = config.model.get("num_classes", 0) > 0
 
@@ -111,7 +113,7 @@ def main(argv):
     train_steps = step_lib.get_train_steps(config, sde, model, optimizer, mesh)
     print(
         f"{config.data.dataset}, {training.sde}, model {config.model.name}, "
-        f"{jax.device_count()} x {jax.devices()[0].platform}, batch {training.batch_size} x "
+        f"{mesh.size} x {jax.devices()[0].platform}, batch {training.batch_size} x "
         f"{data_shape}; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
