@@ -10,9 +10,9 @@ CPU with jax 0.10.2 and glibc 2.36 on 2026-12-07, ``experiments/benchmarks/netwo
   again, the kernel zeroing each: 110,000 page faults a step for the small network and
   616,000 for DDPM++, a quarter of the step's CPU time in the kernel, with the two threads
   queueing on the process's page table. glibc's tunable ``glibc.malloc.hugetlb=1`` maps such
-  blocks as transparent huge pages (2 MiB) instead: 850 faults a step (13,500), and the
-  small network's step takes 0.50 s instead of 0.67-0.71 s, DDPM++'s 3.8-4.0 s instead of
-  4.7 s. glibc reads its tunables when a process starts, so :func:`restart_with_huge_pages`
+  blocks as transparent huge pages (2 MiB) instead: 850 faults a step for the small
+  network and 13,500 for DDPM++, whose steps take 0.50 s instead of 0.67-0.71 s and 3.8-4.0
+  s instead of 4.7 s. glibc reads its tunables when a process starts, so :func:`restart_with_huge_pages`
   restarts the command (``python -m diffusion_sde.main`` and the benchmarks call it first
   thing), and ``make`` exports the tunable to everything it runs, the test suite and its
   notebook kernels included. In a notebook, start Jupyter with it:
