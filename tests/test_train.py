@@ -438,15 +438,9 @@ def test_use_cpu_devices_splits_the_cpu_in_two_unless_a_count_was_chosen():
     def run(xla_flags):
         environ = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
         environ["XLA_FLAGS"] = xla_flags
-        process = subprocess.run(
-            [sys.executable, "-c", _CPU_DEVICES_SCRIPT],
-            env=environ,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
-        return json.loads(process.stdout.splitlines()[-1])
+        command = [sys.executable, "-c", _CPU_DEVICES_SCRIPT]
+        output = subprocess.check_output(command, env=environ, text=True, timeout=120)
+        return json.loads(output.splitlines()[-1])
 
     assert run("--xla_backend_optimization_level=0") == [0, 2, 0, 2]
     assert run("--xla_force_host_platform_device_count=3") == [0, 0, 0, 3]
