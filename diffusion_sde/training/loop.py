@@ -174,11 +174,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
             f"devices; use a multiple of {mesh.size} (e.g. "
             f"{math.ceil(training.batch_size / mesh.size) * mesh.size})."
         )
-    replicated = NamedSharding(mesh, P())
-    abstract_state = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
-        abstract_state,
-    )
+    abstract_state = state_lib.placed_on(abstract_state, NamedSharding(mesh, P()))
     checkpoint_lib.check_state_spec(workdir, abstract_state, write=is_main)
     return Run(
         config=config,

@@ -97,8 +97,11 @@ def abstract_train_state(
     """The shapes and dtypes of the run's state (``jax.eval_shape``: no compilation, no
     memory), each leaf placed on ``sharding`` when one is given."""
     abstract = jax.eval_shape(state_initializer(config, model, optimizer), jax.random.PRNGKey(0))
-    if sharding is None:
-        return abstract
+    return abstract if sharding is None else placed_on(abstract, sharding)
+
+
+def placed_on(abstract, sharding):
+    """``abstract`` (a tree of ``jax.ShapeDtypeStruct``) with every leaf placed on ``sharding``."""
     return jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract
     )
