@@ -11,6 +11,7 @@ import json
 import pathlib
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -204,10 +205,61 @@ def test_group_norm_matches_its_formula_in_float64():
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+class _Dropped(nn.Module):
+    """``dropout(tanh(x @ w))`` a few times over, as a residual branch's end does."""
+
+    dropout: type
+    rate: float = 0.3
+    layers: int = 1
+
+    @nn.compact
+    def __call__(self, x, w, train=True):
+        for _ in range(self.layers):
+            x = self.dropout(self.rate)(jnp.tanh(x @ w), deterministic=not train)
+        return x
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5, 1.0])
+def test_dropout_equals_flax_dropout_in_values_and_gradients(rate):
+    rng = np.random.default_rng(4)
+    x, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((4, 8, 8, 16), (16, 16)))
+    rngs = {"dropout": jax.random.key(3)}
+
+    def loss(dropout):
+        return lambda x, w: jnp.sum(_Dropped(dropout, rate).apply({}, x, w, rngs=rngs) ** 3)
+
+    ours, theirs = (
+        jax.value_and_grad(loss(d), argnums=(0, 1)) for d in (layers.Dropout, nn.Dropout)
+    )
+    (value, grads), (value_flax, grads_flax) = ours(x, w), theirs(x, w)
+    assert value == value_flax  # the same mask from the same key: the same sums
+    for ours_leaf, flax_leaf in zip(grads, grads_flax, strict=True):
+        np.testing.assert_array_equal(ours_leaf, flax_leaf)
+    dropped = _Dropped(layers.Dropout, rate).apply({}, x, w, rngs=rngs)
+    assert abs(float(jnp.mean(dropped == 0)) - rate) < 0.05
+    kept = _Dropped(layers.Dropout, rate).apply({}, x, w, train=False)
+    np.testing.assert_array_equal(kept, jnp.tanh(x @ w))
+
+
+def test_dropout_keeps_one_byte_per_element_for_the_backward_pass():
+    # Six layers of 2**21 elements. Flax's dropout keeps the generator's 32-bit words for the
+    # backward pass, ours a one-byte mask (2 MiB a layer): 64 MiB less in all (jax 0.10.2).
+    x, w = jnp.ones((4096, 512)), jnp.full((512, 512), 0.01)
+    rngs = {"dropout": jax.random.key(0)}
+
+    def temp_bytes(dropout):
+        def loss(x, w):
+            return jnp.sum(_Dropped(dropout, 0.1, layers=6).apply({}, x, w, rngs=rngs) ** 2)
+
+        compiled = jax.jit(jax.grad(loss, argnums=1)).lower(x, w).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    saved = temp_bytes(nn.Dropout) - temp_bytes(layers.Dropout)
+    assert saved >= 6 * 8 * 2**20
+
+
 @pytest.mark.parametrize("shape, groups", [((2, 8, 8, 32), 8), ((3, 4, 4, 64), 32), ((2, 16), 4)])
 def test_group_norm_equals_flax_group_norm_in_values_and_gradients(shape, groups):
-    import flax.linen as nn
-
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=shape) * 2 + 0.5, jnp.float32)
     ours, flax_norm = (
