@@ -16,9 +16,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import toy_2d_vp
+from diffusion_sde import compilation_cache
 from diffusion_sde.compilation_cache import compilation_cache_directory, compiler_options
 from diffusion_sde.evaluation import evaluate
 from diffusion_sde.models import get_model
+from diffusion_sde.models.convolution import conv2d
 from diffusion_sde.sde import get_sde
 from diffusion_sde.training import checkpoint, loop
 from diffusion_sde.training import state as state_lib
@@ -136,13 +138,19 @@ def test_train_steps_equal_a_scan_of_the_step_over_eight_devices():
 
 def test_training_step_compiles_at_llvm_level_1_on_cpu_and_computes_the_same(monkeypatch):
     """On CPU the training step and the state's creation compile at LLVM optimisation level
-    1 (``compiler_options``), unless ``XLA_FLAGS`` sets a level, as this suite's does (level
-    0); a step compiled at level 1 computes what the suite's compiles."""
-    level_1 = {"xla_backend_optimization_level": 1}
-    assert compiler_options("cpu") is None  # the suite's XLA_FLAGS set level 0
+    1 with the memory-optimised scheduler (``compiler_options``); an option that
+    ``XLA_FLAGS`` sets wins, as this suite's level 0 does. A step compiled so computes what
+    the suite's compiles."""
+    memory_optimised = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    assert compiler_options("cpu") == memory_optimised  # the suite's XLA_FLAGS set level 0
     assert compiler_options("gpu") is None and compiler_options("tpu") is None
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert compiler_options("cpu") == level_1 and compiler_options("gpu") is None
+    both = {"xla_backend_optimization_level": 1, **memory_optimised}
+    assert compiler_options("cpu") == both and compiler_options("gpu") is None
+    flags = "--xla_backend_optimization_level=0 --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert compiler_options("cpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # both options
     config, sde, model, optimizer, state, batches, step_fn = _tiny_steps_setup(1)
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     # The step hands the options to XLA, which refuses a name it does not know.
@@ -160,6 +168,32 @@ def test_training_step_compiles_at_llvm_level_1_on_cpu_and_computes_the_same(mon
         new_state.params,
         expected_state.params,
     )
+
+
+def test_memory_optimised_scheduler_keeps_fewer_bytes_of_a_winograd_gradient():
+    """What the scheduler of ``compiler_options`` is for: the gradient of four residual
+    Winograd F(4x4, 3x3) convolutions (64 channels, 32 px) keeps at least 15% fewer
+    temporary bytes alive than under XLA:CPU's default scheduler (measured: 9.95 against
+    13.06 MiB; EDM's DDPM++ training step 1.58 against 2.05 GiB)."""
+    option = "xla_cpu_scheduler_type"
+    chosen = compilation_cache.CPU_COMPILER_OPTIONS[option]
+
+    def loss(kernels, x):
+        for kernel in kernels:
+            x = x + jax.nn.silu(conv2d(x, kernel, conv_impl="winograd4"))
+        return jnp.sum(x**2)
+
+    kernels = [0.05 * jax.random.normal(jax.random.PRNGKey(i), (3, 3, 64, 64)) for i in range(4)]
+    x = jax.random.normal(jax.random.PRNGKey(9), (2, 32, 32, 64))
+    temp = {
+        scheduler: jax.jit(jax.grad(loss), compiler_options={option: scheduler})
+        .lower(kernels, x)
+        .compile()
+        .memory_analysis()
+        .temp_size_in_bytes
+        for scheduler in ("CPU_SCHEDULER_TYPE_DEFAULT", chosen)
+    }
+    assert temp[chosen] <= 0.85 * temp["CPU_SCHEDULER_TYPE_DEFAULT"], temp
 
 
 def test_train_and_evaluate_writes_its_workdir(tmp_path):

@@ -231,7 +231,7 @@ def get_train_steps(config, sde, model, optimizer, mesh: Mesh):
         in_shardings=(replicated, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
-        compiler_options=compiler_options(platform),  # LLVM level 1 on CPU
+        compiler_options=compiler_options(platform),  # CPU: LLVM level 1, memory-optimised
     )
     def train_steps(state, batches):
         if not unrolled:

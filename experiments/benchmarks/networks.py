@@ -195,8 +195,9 @@ def benchmark(model_config: ml_collections.ConfigDict, args: argparse.Namespace)
     abstract = jax.eval_shape(model.init, key_init, x, time_cond)
     num_params = count_parameters(abstract["params"])
     # Parameters do not depend on the batch: initialise on one example, as training does.
-    # Initialisation and the training step compile as training compiles them (LLVM level 1
-    # on CPU, unless XLA_FLAGS sets a level); the forward pass as sampling does (the default).
+    # Initialisation and the training step compile as training compiles them (on CPU LLVM
+    # level 1 and the memory-optimised scheduler, unless XLA_FLAGS sets them: compiler_options);
+    # the forward pass as sampling does (XLA's defaults).
     options = compiler_options(jax.default_backend())
     init = jax.jit(model.init, compiler_options=options)
     variables, init_s = _timed_call(init, key_init, x[:1], time_cond[:1])
