@@ -6,8 +6,11 @@ a lower layer, and, inside a package, its siblings; never one of its own layer o
 """
 
 import ast
+import importlib
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -183,3 +186,33 @@ def test_no_file_points_outside_the_repository():
             if OUTSIDE_REFERENCE.search(line) and path != pathlib.Path(__file__):
                 found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
     assert found == []
+
+
+def test_the_public_names_are_imported_on_first_use():
+    """``import diffusion_sde`` imports no JAX (the entry point restarts itself before it
+    does); each name of ``__all__`` then resolves to its home module's object, and a name
+    that is not public is an AttributeError."""
+    script = (
+        "import sys, diffusion_sde\n"
+        "print('jax' in sys.modules)\n"
+        "from diffusion_sde import VPSDE, pc_sample\n"
+        "print('jax' in sys.modules, VPSDE.__module__, pc_sample.__module__)\n"
+    )
+    process = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert process.stdout.split() == [
+        "False",
+        "True",
+        "diffusion_sde.sde",
+        "diffusion_sde.sampling",
+    ]
+    import diffusion_sde
+
+    for name in diffusion_sde.__all__:
+        value = getattr(diffusion_sde, name)
+        home = importlib.import_module(f"diffusion_sde.{diffusion_sde._HOMES[name]}")
+        assert value is getattr(home, name), name
+    assert set(diffusion_sde.__all__) <= set(dir(diffusion_sde))
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        diffusion_sde.no_such_name  # noqa: B018
