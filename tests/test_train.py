@@ -171,10 +171,10 @@ def test_training_step_compiles_at_llvm_level_1_on_cpu_and_computes_the_same(mon
 
 
 def test_memory_optimised_scheduler_keeps_fewer_bytes_of_a_winograd_gradient():
-    """What the scheduler of ``compiler_options`` is for: the gradient of four residual
-    Winograd F(4x4, 3x3) convolutions (64 channels, 32 px) keeps at least 15% fewer
-    temporary bytes alive than under XLA:CPU's default scheduler (measured: 9.95 against
-    13.06 MiB; EDM's DDPM++ training step 1.58 against 2.05 GiB)."""
+    """What the scheduler of ``compiler_options`` is for: the gradient of two residual
+    Winograd F(4x4, 3x3) convolutions (32 channels, 16 px) keeps at least 20% fewer
+    temporary bytes alive than under XLA:CPU's default scheduler (measured: 0.51 against
+    0.78 MiB; EDM's DDPM++ training step 1.58 against 2.05 GiB)."""
     option = "xla_cpu_scheduler_type"
     chosen = compilation_cache.CPU_COMPILER_OPTIONS[option]
 
@@ -183,8 +183,8 @@ def test_memory_optimised_scheduler_keeps_fewer_bytes_of_a_winograd_gradient():
             x = x + jax.nn.silu(conv2d(x, kernel, conv_impl="winograd4"))
         return jnp.sum(x**2)
 
-    kernels = [0.05 * jax.random.normal(jax.random.PRNGKey(i), (3, 3, 64, 64)) for i in range(4)]
-    x = jax.random.normal(jax.random.PRNGKey(9), (2, 32, 32, 64))
+    kernels = [0.05 * jax.random.normal(jax.random.PRNGKey(i), (3, 3, 32, 32)) for i in range(2)]
+    x = jax.random.normal(jax.random.PRNGKey(9), (1, 16, 16, 32))
     temp = {
         scheduler: jax.jit(jax.grad(loss), compiler_options={option: scheduler})
         .lower(kernels, x)
@@ -193,7 +193,7 @@ def test_memory_optimised_scheduler_keeps_fewer_bytes_of_a_winograd_gradient():
         .temp_size_in_bytes
         for scheduler in ("CPU_SCHEDULER_TYPE_DEFAULT", chosen)
     }
-    assert temp[chosen] <= 0.85 * temp["CPU_SCHEDULER_TYPE_DEFAULT"], temp
+    assert temp[chosen] <= 0.8 * temp["CPU_SCHEDULER_TYPE_DEFAULT"], temp
 
 
 def test_train_and_evaluate_writes_its_workdir(tmp_path):
