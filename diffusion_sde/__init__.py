@@ -9,6 +9,7 @@ workdir).
 """
 
 import importlib
+import importlib.util
 
 # Each public name and the module it lives in. They are imported on first use (PEP 562), so
 # that ``import diffusion_sde.host_memory`` or ``python -m diffusion_sde.main`` does not
@@ -27,9 +28,12 @@ _HOMES = {name: module for module, names in _PUBLIC.items() for name in names.sp
 
 def __getattr__(name: str):
     home = _HOMES.get(name)
-    if home is None:
+    if home is not None:
+        value = getattr(importlib.import_module(f"diffusion_sde.{home}"), name)
+    elif importlib.util.find_spec(f"diffusion_sde.{name}") is not None:
+        value = importlib.import_module(f"diffusion_sde.{name}")  # ``diffusion_sde.sampling``
+    else:
         raise AttributeError(f"module 'diffusion_sde' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"diffusion_sde.{home}"), name)
     globals()[name] = value  # the next lookup is an ordinary one
     return value
 

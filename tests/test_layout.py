@@ -190,13 +190,15 @@ def test_no_file_points_outside_the_repository():
 
 def test_the_public_names_are_imported_on_first_use():
     """``import diffusion_sde`` imports no JAX (the entry point restarts itself before it
-    does); each name of ``__all__`` then resolves to its home module's object, and a name
-    that is not public is an AttributeError."""
+    does); each name of ``__all__`` then resolves to its home module's object, a submodule
+    is an attribute as when the package imported them eagerly, and any other name is an
+    AttributeError."""
     script = (
         "import sys, diffusion_sde\n"
         "print('jax' in sys.modules)\n"
         "from diffusion_sde import VPSDE, pc_sample\n"
         "print('jax' in sys.modules, VPSDE.__module__, pc_sample.__module__)\n"
+        "print(diffusion_sde.ode_solvers.__name__)\n"  # a submodule, as an attribute
     )
     process = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
@@ -206,6 +208,7 @@ def test_the_public_names_are_imported_on_first_use():
         "True",
         "diffusion_sde.sde",
         "diffusion_sde.sampling",
+        "diffusion_sde.ode_solvers",
     ]
     import diffusion_sde
 
